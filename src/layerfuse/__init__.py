@@ -1,0 +1,47 @@
+"""layerfuse: fuse extra information into the output of any layer of a transformer.
+
+>>> import torch, layerfuse
+>>> from transformers import BertConfig, BertModel
+>>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)).eval()
+>>> with layerfuse.fuse(model, torch.randn(32), layer=1, method="addition", approach="layer"):
+...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
+"""
+
+from .errors import (
+    ArchitectureError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    FusionStateError,
+    InfoShapeError,
+    InfoTypeError,
+    InfoValueError,
+    LayerfuseError,
+    LayerIndexError,
+    ModelNotFoundError,
+    UnknownNameError,
+)
+from .fusion import Fusion, fuse
+from .methods import METHODS, Addition, Method, Multiplication, register_method
+from .models import load_model
+
+__all__ = [
+    "METHODS",
+    "Addition",
+    "ArchitectureError",
+    "ArgumentTypeError",
+    "ArgumentValueError",
+    "Fusion",
+    "FusionStateError",
+    "InfoShapeError",
+    "InfoTypeError",
+    "InfoValueError",
+    "LayerIndexError",
+    "LayerfuseError",
+    "Method",
+    "ModelNotFoundError",
+    "Multiplication",
+    "UnknownNameError",
+    "fuse",
+    "load_model",
+    "register_method",
+]

@@ -1,0 +1,52 @@
+"""The errors layerfuse raises: one base class, each kind also a built-in error it fits.
+
+>>> from layerfuse.errors import LayerfuseError, LayerIndexError
+>>> issubclass(LayerIndexError, (LayerfuseError, IndexError))
+True
+"""
+
+from __future__ import annotations
+
+
+class LayerfuseError(Exception):
+    """Base class of every error layerfuse raises on purpose."""
+
+
+class LayerIndexError(LayerfuseError, IndexError):
+    """A `layer` outside the model's range."""
+
+
+class UnknownNameError(LayerfuseError, ValueError):
+    """A method or approach name that is not registered."""
+
+
+class ArgumentValueError(LayerfuseError, ValueError):
+    """An argument of the right type with a value that is not allowed."""
+
+
+class InfoShapeError(LayerfuseError, ValueError):
+    """Info whose rank or sizes do not fit the hidden states."""
+
+
+class ArgumentTypeError(LayerfuseError, TypeError):
+    """An argument of the wrong type, such as a layer that is not an int."""
+
+
+class InfoTypeError(ArgumentTypeError):
+    """Info that is not a floating-point tensor."""
+
+
+class InfoValueError(LayerfuseError, ValueError):
+    """Info that holds NaN or infinity."""
+
+
+class ArchitectureError(LayerfuseError, ValueError):
+    """A model whose blocks or embeddings cannot be located."""
+
+
+class ModelNotFoundError(LayerfuseError, FileNotFoundError):
+    """A model name or path that cannot be loaded here."""
+
+
+class FusionStateError(LayerfuseError, RuntimeError):
+    """An operation that the current state of a fusion does not allow."""

