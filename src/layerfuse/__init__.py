@@ -7,6 +7,7 @@
 ...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
 """
 
+from .compare import Comparison, compare
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
@@ -30,6 +31,7 @@ __all__ = [
     "ArchitectureError",
     "ArgumentTypeError",
     "ArgumentValueError",
+    "Comparison",
     "Fusion",
     "FusionStateError",
     "InfoShapeError",
@@ -41,6 +43,7 @@ __all__ = [
     "ModelNotFoundError",
     "Multiplication",
     "UnknownNameError",
+    "compare",
     "fuse",
     "load_model",
     "register_method",

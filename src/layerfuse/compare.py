@@ -1,0 +1,131 @@
+"""`compare`: fuse by hook and by custom layer on one padded batch; check they agree and time them.
+
+>>> result = compare(layer=3, repeats=1)
+>>> result.identical, result.max_abs_diff, result.fusion_change > 0
+(True, 0.0, True)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import ArgumentValueError
+from .fusion import fuse
+from .models import DEFAULT_MODEL, load_model
+from .sites import find_blocks, resolve_layer
+from .timing import Summary, time_interleaved
+
+DEFAULT_TEXTS = (
+    "Hello, how are you?",
+    "Layer fusion puts extra information into the output of one chosen transformer layer.",
+    "Short one.",
+    "A padded batch mixes sentences of different lengths, so the attention mask matters here.",
+)
+APPROACH_NAMES = ("hook", "layer")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What `compare` found: agreement of the approaches, the fusion's effect and median timings."""
+
+    model: str
+    layer: int
+    method: str
+    batch_shape: tuple[int, int]
+    identical: bool
+    max_abs_diff: float
+    fusion_change: float
+    repeats: int
+    timings: dict[str, Summary]
+
+    def ratio(self, variant: str) -> float:
+        """Median time of `variant` over the plain forward's."""
+        return self.timings[variant].median / self.timings["plain"].median
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""
+        data = asdict(self)
+        data["timings"] = {
+            name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name)}
+            for name, t in self.timings.items()
+        }
+        return data
+
+    def table(self) -> str:
+        """A short human-readable report."""
+        batch, tokens = self.batch_shape
+        lines = [
+            f"model   {self.model}",
+            f"fusion  {self.method} at layer {self.layer}, padded batch of {batch} x {tokens} tokens",
+            f"hook vs layer: {'identical' if self.identical else 'DIFFERENT'} "
+            f"(max abs diff {self.max_abs_diff:.3g})",
+            f"fusion changed the output by up to {self.fusion_change:.3g} (real tokens)",
+            "",
+            f"{'variant':<8} {'median':>10} {'vs plain':>9}   ({self.repeats} interleaved runs)",
+        ]
+        lines += [
+            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name):>8.3f}x"
+            for name, t in self.timings.items()
+        ]
+        return "\n".join(lines)
+
+
+def compare(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    layer: int | None = None,
+    method: str = "addition",
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    repeats: int = 20,
+    seed: int = 0,
+) -> Comparison:
+    """Run the plain forward, the hook and the custom layer on one padded batch of `texts`.
+
+    `layer` defaults to the middle block; the info is a seeded standard-normal vector of hidden size.
+    """
+    if repeats < 1:
+        raise ArgumentValueError(f"repeats must be at least 1, got {repeats}")
+    if not texts:
+        raise ArgumentValueError("texts must hold at least one text")
+    network, tokenizer = load_model(model)
+    layer = resolve_layer(network, len(find_blocks(network)[1]) // 2 if layer is None else layer).layer
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    info = torch.randn(network.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+    def forward(**options: Any) -> Any:
+        return network(**batch, **options)
+
+    def fused(approach: str) -> Any:
+        return fuse(network, info, layer=layer, method=method, approach=approach)
+
+    with torch.inference_mode():
+        plain = forward().last_hidden_state
+        states = {}
+        for approach in APPROACH_NAMES:
+            with fused(approach):
+                out = forward(output_hidden_states=True)
+                states[approach] = torch.stack([*out.hidden_states, out.last_hidden_state])
+        hook, custom = (states[a] for a in APPROACH_NAMES)
+        real = batch["attention_mask"].bool()
+        times = time_interleaved(
+            forward,
+            {"plain": nullcontext, **{a: (lambda a=a: fused(a)) for a in APPROACH_NAMES}},
+            repeats=repeats,
+        )
+    return Comparison(
+        model=DEFAULT_MODEL if model is None else str(model),
+        layer=layer,
+        method=method,
+        batch_shape=tuple(batch["input_ids"].shape),
+        identical=torch.equal(hook, custom),
+        max_abs_diff=float((hook - custom).abs().max()),
+        fusion_change=float((hook[-1] - plain)[real].abs().max()),
+        repeats=repeats,
+        timings={name: Summary.of(seconds) for name, seconds in times.items()},
+    )

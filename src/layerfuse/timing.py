@@ -1,0 +1,57 @@
+"""Time one call under several variants, interleaved round by round, and summarise with medians.
+
+>>> from contextlib import nullcontext
+>>> times = time_interleaved(lambda: sum(range(100)), {"plain": nullcontext}, repeats=3)
+>>> len(times["plain"])
+3
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+
+def time_interleaved(
+    run: Callable[[], object],
+    variants: Mapping[str, Callable[[], AbstractContextManager[object]]],
+    *,
+    repeats: int,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Seconds of `run()` inside each variant's context, `repeats` rounds after `warmup` rounds.
+
+    Every round runs each variant once, starting one further along each time, so that drift in the
+    machine's speed falls on all variants alike. Entering and leaving the context is not timed.
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            with variants[name]():
+                start = time.perf_counter()
+                run()
+                elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median and interquartile range of a list of seconds."""
+
+    median: float
+    q1: float
+    q3: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Summary:
+        if len(seconds) < 2:
+            return cls(seconds[0], seconds[0], seconds[0])
+        q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
+        return cls(median, q1, q3)
