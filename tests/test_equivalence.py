@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY, padded_batch, tiny_bert
-from reference import FORMULAS, as_broadcast, bert_forward
+from reference import FORMULAS, as_broadcast, bert_forward, chosen_positions, fixed_formula, learned_formula
 
 import layerfuse
 
@@ -97,3 +97,81 @@ def test_padding_does_not_leak_into_real_tokens(tiny, approach):
         alone = {key: value[i : i + 1, :length] for key, value in batch.items()}
         _, single = fused_states(tiny, alone, info[i : i + 1], layer=1, approach=approach)
         torch.testing.assert_close(together[i, :length], single[0], rtol=1e-5, atol=1e-5)
+
+
+# Every method, every info shape it takes, every kind of positions: both approaches bitwise equal,
+# and equal to the method's formula (tests/reference.py) applied by hand.
+
+B, T, K, D = 3, 7, 3, 5
+FIXED = {
+    "addition": ("vector", {"alpha": 0.7}),
+    "multiplication": ("vector", {}),
+    "scale": ("none", {"alpha": 1.5}),
+    "replace": ("vector", {}),
+    "interpolate": ("vector", {"alpha": 0.3}),
+    "ablate": ("vector", {}),
+    "clamp": ("vector", {"value": 2.0}),
+    "project": ("basis", {}),
+}
+LEARNED = {"film": "vector", "gate": "vector", "concat": "vector", "cross_attention": "sequence"}
+SHAPES = {"vector": [(D,), (B, D), (B, T, D)], "basis": [(K, D), (B, K, D)], "sequence": [(K, D), (B, K, D)], "none": [None]}
+POSITIONS = {
+    "all": "all",
+    "tokens": "tokens",
+    "first": "first",
+    "last": "last",
+    "indices": [0, -1, 2],
+    "mask": torch.tensor([[True, False] * 3 + [True], [False] * 7, [True] * 7]),
+}
+
+
+def method_cases():
+    for name, (layout, args) in FIXED.items():
+        for shape in SHAPES[layout]:
+            yield pytest.param(name, shape, args, id=f"{name}-{shape}")
+    for name, layout in LEARNED.items():
+        for shape in SHAPES[layout]:
+            yield pytest.param(name, shape, {}, id=f"{name}-{shape}")
+
+
+def build_method(name, args, info_size):
+    if name not in LEARNED:
+        return name, args
+    method = layerfuse.METHODS[name](hidden_size=TINY["hidden_size"], info_size=info_size, **args)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in method.parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return method, {}
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize(("name", "shape", "args"), list(method_cases()))
+def test_every_method_matches_its_formula_at_every_kind_of_positions(name, shape, args, positions):
+    model, batch = tiny_bert(), padded_batch((7, 4, 2))
+    size = D if name in LEARNED else TINY["hidden_size"]
+    info = None
+    if shape is not None:
+        info = torch.randn(*shape[:-1], size, generator=torch.Generator().manual_seed(5))
+    method, args = build_method(name, args, size)
+    formula = learned_formula(method) if name in LEARNED else fixed_formula(name, args)
+    layout = FIXED[name][0] if name in FIXED else LEARNED[name]
+    v = None if info is None else info[:, None, :] if (layout == "vector" and info.ndim == 2) else info
+    chosen = chosen_positions(POSITIONS[positions], batch["attention_mask"])[..., None]
+
+    def edit(h):
+        return torch.where(chosen, formula(h, v), h)
+
+    with torch.no_grad():
+        reference = bert_forward(model, batch, layer=2, edit=edit)
+    options = dict(layer=2, method=method, positions=POSITIONS[positions], **args)
+    (hook_states, hook_last), (layer_states, layer_last) = (
+        fused_states(model, batch, info, approach=approach, **options) for approach in ("hook", "layer")
+    )
+    assert torch.equal(hook_last, layer_last)
+    assert all(torch.equal(h, c) for h, c in zip(hook_states, layer_states, strict=True))
+    for fused, expected in zip(hook_states, reference, strict=True):
+        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+    plain = bert_forward(model, batch)[2]
+    untouched = ~chosen.expand_as(plain)
+    assert torch.equal(hook_states[2][untouched], plain[untouched])

@@ -11,7 +11,8 @@ Each mechanism keeps one list of fusions per module, applied in the order they w
 
 On a module fused by both, the custom layer's fusions come first (they run inside `forward`).
 
->>> attach = APPROACHES["hook"]
+>>> sorted(APPROACHES)
+['hook', 'layer']
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,21 +23,32 @@ from .approaches import APPROACHES, Detach
 from .errors import UnknownNameError
 from .info import Info
 from .methods import Method, make_method
+from .positions import AttentionMaskWatch, Positions, PositionsLike
 from .sites import Site, resolve_layer
 
 
 class Fusion:
-    """An attached fusion: `method` combines `info` into the output at `site`, by `approach`.
+    """An attached fusion: `method` combines `info` into the output at `site`, by `approach`, at `positions`.
 
-    Made by `fuse`. A context manager; `remove()` detaches it and may be called any number of times.
+    Made by `fuse` (or `load_fusion`). A context manager; `remove()` detaches it and may be called
+    any number of times.
     """
 
-    def __init__(self, site: Site, method: Method, info: Info, approach: str) -> None:
+    def __init__(
+        self, model: nn.Module, site: Site, method: Method, info: Info, approach: str, positions: Positions
+    ) -> None:
         self.site = site
         self.method = method
         self.info = info
         self.approach = approach
-        self._detach: Detach | None = APPROACHES[approach](site.module, self)
+        self.positions = positions
+        self._watch = AttentionMaskWatch(model) if positions.needs_attention_mask else None
+        try:
+            self._detach: Detach | None = APPROACHES[approach](site.module, self)
+        except BaseException:
+            if self._watch is not None:
+                self._watch.remove()
+            raise
 
     @property
     def layer(self) -> int:
@@ -49,14 +61,18 @@ class Fusion:
         return self._detach is not None
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Combine the info into `hidden` (B, T, H): the one function both approaches call."""
-        return self.method(hidden, self.info.for_hidden(hidden))
+        """Combine the info into `hidden` (B, T, H) at the chosen positions: the one function both approaches call."""
+        fused = self.method(hidden, self.info.for_hidden(hidden))
+        chosen = self.positions.select(hidden, None if self._watch is None else self._watch.mask)
+        return fused if chosen is None else torch.where(chosen, fused, hidden)
 
     def remove(self) -> None:
         """Detach the fusion, leaving the model as it was; calling it again does nothing."""
         detach, self._detach = self._detach, None
         if detach is not None:
             detach()
+            if self._watch is not None:
+                self._watch.remove()
 
     def __enter__(self) -> Fusion:
         return self
@@ -71,35 +87,47 @@ class Fusion:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
+        shape = None if self.info.source is None else tuple(self.info.source.shape)
         return (
-            f"Fusion(layer={self.layer} ({self.site.name}), method={self.method!r}, "
-            f"info={tuple(self.info.source.shape)}, approach={self.approach!r}, {state})"
+            f"Fusion(layer={self.layer} ({self.site.name}), method={self.method!r}, info={shape}, "
+            f"positions={self.positions.value!r}, approach={self.approach!r}, {state})"
         )
 
 
 def fuse(
     model: nn.Module,
-    info: torch.Tensor,
+    info: torch.Tensor | None = None,
     *,
     layer: int,
     method: str | Method = "addition",
     approach: str = "hook",
+    positions: PositionsLike = "all",
+    **method_arguments: Any,
 ) -> Fusion:
     """Combine `info` into the output of `layer` in every forward of `model`, until removed.
 
     `layer=k` is what `output_hidden_states` reports as `hidden_states[k]` (0: embeddings, -1: last
-    block). `info` is (H,), (B, H) or (B, T, H). `method` is a registered name ("addition",
-    "multiplication", ...) or a `Method`; `approach` is "hook" or "layer". Everything is checked
-    before the model is touched.
+    block). `method` is a registered name (see `layerfuse.METHODS`), with its arguments as keywords
+    (`alpha=0.5`), or a `Method` instance. `info` has the shapes the method takes: for most, (H,),
+    (B, H) or (B, T, H). `approach` is "hook" or "layer"; `positions` is "all", "tokens", "first",
+    "last", a list of token indices or a boolean (B, T) mask. Everything is checked before the model
+    is touched.
     """
     if not isinstance(approach, str) or approach not in APPROACHES:
-        raise UnknownNameError(
-            f"unknown approach {approach!r}: use one of {', '.join(APPROACHES)}"
-        )
+        raise UnknownNameError(f"unknown approach {approach!r}: use one of {', '.join(APPROACHES)}")
     site = resolve_layer(model, layer)
-    fusion_method = make_method(method)
-    fusion_info = Info(info, hidden_size=model.config.hidden_size)
+    hidden_size = model.config.hidden_size
+    info_size = info.shape[-1] if isinstance(info, torch.Tensor) and info.ndim else None
+    fusion_method = make_method(method, hidden_size=hidden_size, info_size=info_size, **method_arguments)
+    fusion_info = Info(
+        info,
+        layout=fusion_method.info_layout,
+        size=fusion_method.info_dim(hidden_size),
+        prepare=fusion_method.prepare,
+    )
+    fusion_positions = Positions(positions)
     weight = next(model.parameters(), None)
     if weight is not None:
+        fusion_method.to(device=weight.device, dtype=weight.dtype)
         fusion_info.to(weight.dtype, weight.device)
-    return Fusion(site, fusion_method, fusion_info, approach)
+    return Fusion(model, site, fusion_method, fusion_info, approach, fusion_positions)

@@ -1,0 +1,33 @@
+"""How info is combined with hidden states: the registry, fixed formulas and learned modules.
+
+>>> sorted(METHODS)[:3]
+['ablate', 'addition', 'clamp']
+"""
+
+from .base import INFO_SHAPES, METHODS, Method, canonical_name, make_method, method_names, method_parameters, register_method
+from .fixed import Ablate, Addition, Clamp, Interpolate, Multiplication, Project, Replace, Scale
+from .learned import Concat, CrossAttention, Film, Gate, LearnedMethod
+
+__all__ = [
+    "INFO_SHAPES",
+    "METHODS",
+    "Ablate",
+    "Addition",
+    "Clamp",
+    "Concat",
+    "CrossAttention",
+    "Film",
+    "Gate",
+    "Interpolate",
+    "LearnedMethod",
+    "Method",
+    "Multiplication",
+    "Project",
+    "Replace",
+    "Scale",
+    "canonical_name",
+    "make_method",
+    "method_names",
+    "method_parameters",
+    "register_method",
+]

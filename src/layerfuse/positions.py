@@ -1,0 +1,142 @@
+"""Which positions a fusion changes: all, the real tokens, the first or last real token, given indices or a mask.
+
+"tokens", "first" and "last" read the attention mask of the current forward of the fused model (with
+a forward pre-hook on it, whichever the approach); a forward without one treats every position as a
+real token. Positions not selected keep their exact
+values, so with "tokens" padding is never changed.
+
+>>> import torch
+>>> Positions("last").select(torch.zeros(2, 4, 8), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])).squeeze(-1)
+tensor([[False,  True, False, False],
+        [False, False, False,  True]])
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, InfoShapeError
+
+PositionsLike = Union[str, Sequence[int], torch.Tensor]
+NAMED = ("all", "tokens", "first", "last")
+
+
+class Positions:
+    """Validated positions; `select` gives a (B or 1, T, 1) boolean mask for one forward, or None for all."""
+
+    def __init__(self, positions: PositionsLike = "all") -> None:
+        self.value = positions
+        self.indices: list[int] | None = None
+        self.mask: torch.Tensor | None = None
+        if isinstance(positions, str):
+            if positions not in NAMED:
+                raise ArgumentValueError(
+                    f"unknown positions {positions!r}: use one of {', '.join(NAMED)}, "
+                    "a list of token indices, or a boolean (B, T) mask"
+                )
+        elif isinstance(positions, torch.Tensor):
+            if positions.dtype != torch.bool or positions.ndim != 2:
+                raise ArgumentTypeError(
+                    f"a positions tensor must be a boolean (B, T) mask, got {positions.dtype} "
+                    f"of shape {tuple(positions.shape)}"
+                )
+            self.mask = positions.detach().clone()
+        elif isinstance(positions, Sequence) and positions and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in positions
+        ):
+            self.indices = list(positions)
+        else:
+            raise ArgumentTypeError(
+                f"positions must be one of {', '.join(NAMED)}, a non-empty list of int token indices, "
+                f"or a boolean (B, T) mask, got {positions!r}"
+            )
+
+    @property
+    def needs_attention_mask(self) -> bool:
+        """Whether `select` needs the attention mask of the current forward."""
+        return self.value in ("tokens", "first", "last")
+
+    def to_json(self) -> str | list[int] | None:
+        """The positions as JSON (None for a mask tensor, which is saved as a tensor)."""
+        return self.indices if self.indices is not None else None if self.mask is not None else self.value
+
+    def select(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The positions of `hidden` (B, T, H) to change, as a (B or 1, T, 1) boolean tensor; None: all."""
+        batch, length = hidden.shape[:2]
+        if self.value == "all":
+            return None
+        if self.mask is not None:
+            if tuple(self.mask.shape) != (batch, length):
+                raise InfoShapeError(
+                    f"the positions mask is {tuple(self.mask.shape)} but this forward is ({batch}, {length})"
+                )
+            return self.mask.to(hidden.device).unsqueeze(-1)
+        if self.indices is not None:
+            bad = [i for i in self.indices if not -length <= i < length]
+            if bad:
+                raise InfoShapeError(f"positions {bad} are out of range for a forward of {length} tokens")
+            chosen = torch.zeros(1, length, 1, dtype=torch.bool, device=hidden.device)
+            chosen[0, self.indices] = True
+            return chosen
+        real = self._real(attention_mask, batch, length, hidden.device)
+        if self.value == "tokens":
+            return real.unsqueeze(-1)
+        columns = torch.arange(length, device=hidden.device)
+        if self.value == "first":
+            index = real.int().argmax(dim=1)
+        else:
+            index = length - 1 - real.flip(1).int().argmax(dim=1)
+        return (columns[None, :] == index[:, None]).unsqueeze(-1)
+
+    @staticmethod
+    def _real(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+            raise InfoShapeError(
+                f"positions need a 2-D (B, T) attention mask covering this forward's ({batch}, {length}) "
+                f"tokens, got {tuple(attention_mask.shape)}"
+            )
+        # With a cache, the mask covers past and current tokens; the current ones are the last columns.
+        return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+class AttentionMaskWatch:
+    """Records the attention mask of each forward of `model`, with a pre-hook, until removed.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    >>> watch = AttentionMaskWatch(model)
+    >>> watch.remove()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        parameters = list(inspect.signature(model.forward).parameters)
+        if "attention_mask" not in parameters:
+            raise ArchitectureError(
+                f"positions 'tokens', 'first' and 'last' read the attention mask, but "
+                f"{type(model).__name__}.forward takes none: give token indices or a boolean mask"
+            )
+        self.index = parameters.index("attention_mask")
+        self.mask: torch.Tensor | None = None
+        self._handles = [
+            model.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
+            model.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.mask = kwargs.get("attention_mask", args[self.index] if len(args) > self.index else None)
+
+    def _exit(self, *_: Any) -> None:
+        self.mask = None
+
+    def remove(self) -> None:
+        """Remove the hooks; calling it again does nothing."""
+        for handle in self._handles:
+            handle.remove()
+        self.mask = None
