@@ -12,6 +12,7 @@ from .errors import (
     ArchitectureError,
     ArgumentTypeError,
     ArgumentValueError,
+    FileFormatError,
     FusionStateError,
     InfoShapeError,
     InfoTypeError,
@@ -40,6 +41,8 @@ from .methods import (
     register_method,
 )
 from .models import load_model
+from .saving import load_fusion
+from .training import train
 
 __all__ = [
     "METHODS",
@@ -52,6 +55,7 @@ __all__ = [
     "Comparison",
     "Concat",
     "CrossAttention",
+    "FileFormatError",
     "Film",
     "Fusion",
     "FusionStateError",
@@ -71,6 +75,8 @@ __all__ = [
     "UnknownNameError",
     "compare",
     "fuse",
+    "load_fusion",
     "load_model",
     "register_method",
+    "train",
 ]

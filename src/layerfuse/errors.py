@@ -48,5 +48,9 @@ class ModelNotFoundError(LayerfuseError, FileNotFoundError):
     """A model name or path that cannot be loaded here."""
 
 
+class FileFormatError(LayerfuseError, ValueError):
+    """A saved fusion or info file that is missing, corrupt or does not fit the model."""
+
+
 class FusionStateError(LayerfuseError, RuntimeError):
     """An operation that the current state of a fusion does not allow."""

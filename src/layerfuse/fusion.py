@@ -13,6 +13,8 @@ True
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +39,7 @@ class Fusion:
     def __init__(
         self, model: nn.Module, site: Site, method: Method, info: Info, approach: str, positions: Positions
     ) -> None:
+        self.model = model
         self.site = site
         self.method = method
         self.info = info
@@ -59,6 +62,19 @@ class Fusion:
     def active(self) -> bool:
         """Whether the fusion is still attached to the model."""
         return self._detach is not None
+
+    def set_info(self, info: torch.Tensor | None) -> None:
+        """Replace the info, checked as `fuse` checks it (e.g. a new batch's per-example info)."""
+        new = Info(info, layout=self.info.layout, size=self.method.info_dim(self.model.config.hidden_size), prepare=self.method.prepare)
+        if self.info.tensor is not None:
+            new.to(self.info.tensor.dtype, self.info.tensor.device)
+        self.info = new
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back."""
+        from .saving import save_fusion
+
+        return save_fusion(self, directory)
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
         """Combine the info into `hidden` (B, T, H) at the chosen positions: the one function both approaches call."""

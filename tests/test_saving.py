@@ -1,0 +1,124 @@
+"""Saving a fusion and loading it back: bitwise round trips, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, assert_unchanged, snapshot, tiny_bert
+from safetensors.torch import load_file, save_file
+
+import layerfuse
+
+H = TINY["hidden_size"]
+
+
+def randomised(method):
+    with torch.no_grad():
+        for parameter in method.parameters():
+            parameter.normal_(0, 0.3)
+    return method
+
+
+CASES = {
+    "addition": dict(info=torch.randn(H), method="addition", alpha=0.5),
+    "clamp-tokens": dict(info=torch.randn(3, H), method="clamp", value=1.5, positions="tokens"),
+    "project-indices": dict(info=torch.randn(2, H), method="project", positions=[0, -1]),
+    "scale-mask": dict(info=None, method="scale", alpha=2.0, positions=torch.tensor([[True] * 7, [False] * 7, [True, False] * 3 + [True]])),
+    "film": dict(info=torch.randn(3, 5), method=randomised(layerfuse.Film(hidden_size=H, info_size=5))),
+    "gate": dict(info=torch.randn(3, 7, 5), method=randomised(layerfuse.Gate(hidden_size=H, info_size=5, beta=0.5))),
+    "cross_attention": dict(info=torch.randn(4, 6), method=randomised(layerfuse.CrossAttention(hidden_size=H, info_size=6, heads=2)), positions="last"),
+}
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+@pytest.mark.parametrize("case", CASES)
+def test_save_then_load_round_trips_bitwise(tmp_path, tiny, batch, case, approach):
+    options = dict(CASES[case])
+    info = options.pop("info")
+    with torch.no_grad():
+        with layerfuse.fuse(tiny, info, layer=2, approach=approach, **options) as fusion:
+            expected = tiny(**batch).last_hidden_state
+            fusion.save(tmp_path)
+        before = snapshot(tiny)
+        fresh = tiny_bert()
+        fresh.load_state_dict(tiny.state_dict())
+        with layerfuse.load_fusion(tmp_path, fresh) as loaded:
+            assert loaded.approach == approach and loaded.layer == 2
+            assert torch.equal(fresh(**batch).last_hidden_state, expected)
+    assert_unchanged(tiny, before)
+    config = json.loads((tmp_path / "fusion_config.json").read_text())
+    assert config["format_version"] == 1 and config["layer"] == 2 and config["hidden_size"] == H
+    assert load_file(tmp_path / "fusion.safetensors").keys() >= {f"method.{k}" for k in loaded.method.state_dict()}
+
+
+def test_load_can_change_approach_and_info(tmp_path, tiny, batch):
+    with layerfuse.fuse(tiny, torch.randn(H), layer=1) as fusion:
+        fusion.save(tmp_path)
+    with layerfuse.load_fusion(tmp_path, tiny, approach="layer", info=torch.ones(H)) as loaded:
+        assert loaded.approach == "layer" and torch.equal(loaded.info.source, torch.ones(H))
+
+
+def save_addition(tmp_path, tiny):
+    with layerfuse.fuse(tiny, torch.randn(H), layer=1) as fusion:
+        fusion.save(tmp_path)
+    return tmp_path
+
+
+def edit_config(folder, **changes):
+    path = folder / "fusion_config.json"
+    config = json.loads(path.read_text()) | changes
+    path.write_text(json.dumps(config))
+
+
+BAD_FILES = {
+    "no config": (lambda f: (f / "fusion_config.json").unlink(), "fusion_config.json is missing"),
+    "no tensors": (lambda f: (f / "fusion.safetensors").unlink(), "fusion.safetensors is missing"),
+    "config not JSON": (lambda f: (f / "fusion_config.json").write_text("{oops"), "not valid JSON"),
+    "tensors corrupt": (lambda f: (f / "fusion.safetensors").write_bytes(b"\x00" * 16), "not a valid safetensors file"),
+    "newer format": (lambda f: edit_config(f, format_version=2), "format version 2; this layerfuse reads version 1"),
+    "unknown method": (lambda f: edit_config(f, method="telepathy"), "'telepathy', which is not registered"),
+    "other hidden size": (lambda f: edit_config(f, hidden_size=64), "saved for hidden size 64, this model's is 32"),
+    "bad arguments": (lambda f: edit_config(f, arguments={"beta": 1}), "does not rebuild a Addition"),
+    "missing key": (lambda f: edit_config(f, layer=None) or edit_config_drop(f, "layer"), "lacks layer"),
+    "missing info": (lambda f: save_file({}, f / "fusion.safetensors"), "lacks the info tensor"),
+}
+
+
+def edit_config_drop(folder, key):
+    path = folder / "fusion_config.json"
+    config = json.loads(path.read_text())
+    del config[key]
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_files_get_clear_errors_and_touch_nothing(tmp_path, tiny, case):
+    spoil, message = BAD_FILES[case]
+    folder = save_addition(tmp_path, tiny)
+    spoil(folder)
+    before = snapshot(tiny)
+    with pytest.raises(layerfuse.FileFormatError, match=message):
+        layerfuse.load_fusion(folder, tiny)
+    assert_unchanged(tiny, before)
+
+
+def test_a_learned_fusion_missing_a_tensor_is_refused(tmp_path, tiny):
+    with layerfuse.fuse(tiny, torch.randn(5), layer=1, method="film") as fusion:
+        fusion.save(tmp_path)
+    tensors = load_file(tmp_path / "fusion.safetensors")
+    del tensors["method.beta.bias"]
+    save_file(tensors, tmp_path / "fusion.safetensors")
+    with pytest.raises(layerfuse.FileFormatError, match="Missing key.*beta.bias"):
+        layerfuse.load_fusion(tmp_path, tiny)
+
+
+def test_an_unregistered_method_cannot_be_saved(tmp_path, tiny):
+    class Halve(layerfuse.Method):
+        def forward(self, hidden, info):
+            return hidden / 2
+
+    with layerfuse.fuse(tiny, torch.ones(H), layer=1, method=Halve()) as fusion:
+        with pytest.raises(layerfuse.FileFormatError, match="register the method"):
+            fusion.save(tmp_path)
