@@ -1,6 +1,7 @@
 """The `layerfuse` command: parses, calls the library, prints.
 
-    layerfuse compare --layer 3 --method multiplication --json
+    layerfuse compare --layer 3 --method clamp --value 2 --positions tokens --json
+    layerfuse methods
 """
 
 from __future__ import annotations
@@ -14,7 +15,37 @@ from transformers.utils import logging as transformers_logging
 
 from .compare import DEFAULT_TEXTS, compare
 from .errors import LayerfuseError
-from .methods import method_names
+from .info import read_info
+from .methods import INFO_SHAPES, METHODS, method_names, method_parameters
+from .positions import NAMED, PositionsLike
+
+
+def positions_argument(text: str) -> PositionsLike:
+    """`all`, `tokens`, `first`, `last`, or comma-separated token indices such as `0,-1`."""
+    if text in NAMED:
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one of {', '.join(NAMED)} nor comma-separated token indices"
+        ) from None
+
+
+def methods_table() -> str:
+    """Every registered method: name and aliases, formula, info it takes, arguments."""
+    aliases = dict(zip(METHODS, method_names()))
+    rows = [("method", "formula", "info", "arguments")]
+    for name, cls in METHODS.items():
+        arguments = ", ".join(
+            key if p.default is p.empty else f"{key}={p.default!r}" for key, p in method_parameters(cls).items()
+        )
+        kind = "learned; " if cls.learned else ""
+        rows.append((aliases[name], cls.formula, INFO_SHAPES[cls.info_layout], kind + (arguments or "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Fuse extra information into a chosen layer of a transformer.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "methods",
+        help="list the integration methods with their formulas and arguments",
+        description="List every registered integration method: its formula, the info it takes and its arguments.",
+    )
     cmp = commands.add_parser(
         "compare",
         help="fuse by hook and by custom layer on one padded batch; check they agree and time them",
@@ -32,15 +68,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
     cmp.add_argument("--layer", type=int, default=None, help="hidden_states index to fuse at (default: the middle block)")
-    cmp.add_argument("--method", default="addition", help=f"integration method: {', '.join(method_names())}")
+    cmp.add_argument("--method", default="addition", help="integration method (see 'layerfuse methods'; default: addition)")
+    cmp.add_argument("--alpha", type=float, help="the method's alpha (addition, scale, interpolate)")
+    cmp.add_argument("--value", type=float, help="the method's value (clamp)")
+    cmp.add_argument(
+        "--info", metavar="FILE",
+        help="info tensor from a .npy, .pt or .safetensors file (default: seeded random of the method's shape)",
+    )
+    cmp.add_argument(
+        "--positions", type=positions_argument, default="all",
+        help="all (default), tokens, first, last, or comma-separated token indices such as 0,-1",
+    )
     cmp.add_argument(
         "--text", action="append", dest="texts", metavar="TEXT",
         help="a text of the batch; repeat for more (default: %d texts of different lengths)" % len(DEFAULT_TEXTS),
     )
     cmp.add_argument("--repeats", type=int, default=20, help="interleaved timed runs per variant (default: 20)")
-    cmp.add_argument("--seed", type=int, default=0, help="seed of the random info vector (default: 0)")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the random info (default: 0)")
     cmp.add_argument("--json", action="store_true", help="print only JSON on stdout")
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+    result = compare(
+        args.model,
+        layer=args.layer,
+        method=args.method,
+        info=read_info(args.info) if args.info else None,
+        positions=args.positions,
+        texts=args.texts or DEFAULT_TEXTS,
+        repeats=args.repeats,
+        seed=args.seed,
+        **method_arguments,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0 if result.identical else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,19 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
-        result = compare(
-            args.model,
-            layer=args.layer,
-            method=args.method,
-            texts=args.texts or DEFAULT_TEXTS,
-            repeats=args.repeats,
-            seed=args.seed,
-        )
+        if args.command == "methods":
+            print(methods_table())
+            return 0
+        return _compare(args)
     except LayerfuseError as error:
         print(f"layerfuse {args.command}: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
-    return 0 if result.identical else 1
 
 
 if __name__ == "__main__":

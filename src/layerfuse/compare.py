@@ -17,7 +17,9 @@ import torch
 
 from .errors import ArgumentValueError
 from .fusion import fuse
+from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
+from .positions import PositionsLike
 from .sites import find_blocks, resolve_layer
 from .timing import Summary, time_interleaved
 
@@ -76,18 +78,29 @@ class Comparison:
         return "\n".join(lines)
 
 
+def random_info(method: str, hidden_size: int, seed: int) -> torch.Tensor | None:
+    """Seeded standard-normal info of the shape `method` takes: (H,), or (2, H) for a basis or sequence."""
+    layout = METHODS[canonical_name(method)].info_layout
+    shape = {"vector": (hidden_size,), "basis": (2, hidden_size), "sequence": (2, hidden_size)}.get(layout)
+    return None if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
 def compare(
     model: str | os.PathLike[str] | None = None,
     *,
     layer: int | None = None,
     method: str = "addition",
+    info: torch.Tensor | None = None,
+    positions: PositionsLike = "all",
     texts: Sequence[str] = DEFAULT_TEXTS,
     repeats: int = 20,
     seed: int = 0,
+    **method_arguments: Any,
 ) -> Comparison:
     """Run the plain forward, the hook and the custom layer on one padded batch of `texts`.
 
-    `layer` defaults to the middle block; the info is a seeded standard-normal vector of hidden size.
+    `layer` defaults to the middle block. `info` defaults to `random_info(method, H, seed)`;
+    `method_arguments` (e.g. `alpha=0.5`) and `positions` go to `fuse`.
     """
     if repeats < 1:
         raise ArgumentValueError(f"repeats must be at least 1, got {repeats}")
@@ -96,13 +109,16 @@ def compare(
     network, tokenizer = load_model(model)
     layer = resolve_layer(network, len(find_blocks(network)[1]) // 2 if layer is None else layer).layer
     batch = tokenizer(list(texts), return_tensors="pt", padding=True)
-    info = torch.randn(network.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    if info is None:
+        info = random_info(method, network.config.hidden_size, seed)
 
     def forward(**options: Any) -> Any:
         return network(**batch, **options)
 
     def fused(approach: str) -> Any:
-        return fuse(network, info, layer=layer, method=method, approach=approach)
+        return fuse(
+            network, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments
+        )
 
     with torch.inference_mode():
         plain = forward().last_hidden_state

@@ -11,11 +11,17 @@ torch.Size([4, 1, 8])
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from .errors import InfoShapeError, InfoTypeError, InfoValueError
+from .errors import FileFormatError, InfoShapeError, InfoTypeError, InfoValueError
 from .methods import INFO_SHAPES
 
 RANKS = {"vector": (1, 2, 3), "basis": (2, 3), "sequence": (2, 3)}
@@ -94,3 +100,28 @@ class Info:
                 "pad the per-token info to the batch's length, or give (B, D) info"
             )
         return self.tensor
+
+
+_READERS: dict[str, Callable[[Path], dict[str, object]]] = {
+    ".npy": lambda path: {"info": torch.from_numpy(numpy.load(path, allow_pickle=False))},
+    ".pt": lambda path: {"info": torch.load(path, map_location="cpu", weights_only=True)},
+    ".safetensors": lambda path: dict(load_file(path)),
+}
+
+
+def read_info(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read an info tensor from a `.npy`, `.pt` or `.safetensors` file (one tensor, or the one named "info")."""
+    path = Path(path)
+    if path.suffix not in _READERS:
+        raise FileFormatError(f"cannot read info from {path.name}: use a {', '.join(_READERS)} file")
+    if not path.is_file():
+        raise FileFormatError(f"no info file at {path}")
+    try:
+        found = _READERS[path.suffix](path)
+    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
+        raise FileFormatError(f"cannot read info from {path}: {error}") from error
+    tensor = next(iter(found.values())) if len(found) == 1 else found.get("info")
+    if not isinstance(tensor, torch.Tensor):
+        what = type(tensor).__name__ if len(found) == 1 else f"tensors {sorted(found)} but none named 'info'"
+        raise FileFormatError(f"{path} holds {what}, not one info tensor")
+    return tensor
