@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _methods(args: argparse.Namespace) -> int:
+    print(methods_table())
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
     result = compare(
@@ -106,15 +111,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if result.identical else 1
 
 
+COMMANDS = {"methods": _methods, "compare": _compare}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 approaches disagree, 2 bad input)."""
     args = _parser().parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
-        if args.command == "methods":
-            print(methods_table())
-            return 0
-        return _compare(args)
+        return COMMANDS[args.command](args)
     except LayerfuseError as error:
         print(f"layerfuse {args.command}: error: {error}", file=sys.stderr)
         return 2

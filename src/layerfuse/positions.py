@@ -67,9 +67,9 @@ class Positions:
 
     def select(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The positions of `hidden` (B, T, H) to change, as a (B or 1, T, 1) boolean tensor; None: all."""
-        batch, length = hidden.shape[:2]
         if self.value == "all":
             return None
+        batch, length = hidden.shape[:2]
         if self.mask is not None:
             if tuple(self.mask.shape) != (batch, length):
                 raise InfoShapeError(
