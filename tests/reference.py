@@ -125,3 +125,23 @@ def chosen_positions(positions, attention_mask: torch.Tensor) -> torch.Tensor:
         indices = [t for t in range(length) if real[row, t]]
         chosen[row, indices[0] if positions == "first" else indices[-1]] = True
     return chosen
+
+
+def bert_forward_with_sublayer_edit(model, batch: dict, *, layer: int, site: str, edit):
+    """Hidden states 0..N of a BERT, each block written out from its sub-modules, with `edit(h) -> h`
+    applied in block `layer` to its input, its attention projection or its feed-forward output."""
+    mask = batch["attention_mask"]
+    additive = (1.0 - mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+    hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+    states = [hidden]
+    for index, block in enumerate(model.encoder.layer, start=1):
+        here = (lambda name, h: edit(h) if index == layer and site == name else h)
+        hidden = here("input", hidden)
+        attention = block.attention
+        context = attention.self(hidden, additive)[0]
+        projected = here("attention", attention.output.dense(context))
+        attended = attention.output.LayerNorm(projected + hidden)
+        feed = here("mlp", block.output.dense(block.intermediate(attended)))
+        hidden = block.output.LayerNorm(feed + attended)
+        states.append(hidden)
+    return states

@@ -121,6 +121,12 @@ def test_cli_reads_info_from_files_and_checks_its_shape(tmp_path, capsys, suffix
     assert "D = 384, got (5,)" in capsys.readouterr().err
 
 
+def test_cli_inspect_shows_layers_and_sites(capsys):
+    assert main(["inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden size 384, 6 blocks" in out and "encoder.layer.5.output.dense" in out
+
+
 def test_read_info_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "info.txt").write_text("1 2 3")
     with pytest.raises(layerfuse.FileFormatError, match="use a .npy, .pt, .safetensors file"):
@@ -148,7 +154,7 @@ def test_cli_positions_take_names_or_indices(capsys):
 
 def test_console_script_help_for_every_command():
     helps = {}
-    for argv in ([], ["compare"], ["methods"]):
+    for argv in ([], ["compare"], ["methods"], ["inspect"]):
         helps[tuple(argv)] = subprocess.run(
             [sys.executable, "-m", "layerfuse", *argv, "--help"], capture_output=True, text=True, check=True
         ).stdout

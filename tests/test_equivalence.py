@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY, padded_batch, tiny_bert
-from reference import FORMULAS, as_broadcast, bert_forward, chosen_positions, fixed_formula, learned_formula
+from reference import (
+    FORMULAS,
+    as_broadcast,
+    bert_forward,
+    bert_forward_with_sublayer_edit,
+    chosen_positions,
+    fixed_formula,
+    learned_formula,
+)
 
 import layerfuse
 
@@ -175,3 +183,18 @@ def test_every_method_matches_its_formula_at_every_kind_of_positions(name, shape
     plain = bert_forward(model, batch)[2]
     untouched = ~chosen.expand_as(plain)
     assert torch.equal(hook_states[2][untouched], plain[untouched])
+
+
+@pytest.mark.parametrize("site", ["input", "attention", "mlp"])
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_sites_within_a_block_match_a_hand_written_block(site, layer):
+    model, batch = tiny_bert(), padded_batch()
+    info = torch.randn(3, TINY["hidden_size"], generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = bert_forward_with_sublayer_edit(model, batch, layer=layer, site=site, edit=lambda h: h + info[:, None, :])
+    results = [fused_states(model, batch, info, layer=layer, site=site, approach=a) for a in ("hook", "layer")]
+    (hook_states, hook_last), (layer_states, layer_last) = results
+    assert torch.equal(hook_last, layer_last)
+    assert all(torch.equal(h, c) for h, c in zip(hook_states, layer_states, strict=True))
+    for fused, expected in zip(hook_states[layer:], reference[layer:], strict=True):
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)

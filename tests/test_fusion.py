@@ -149,7 +149,7 @@ def test_a_block_fused_by_custom_layer_refuses_pickling_with_a_way_out():
 
 def test_repr_says_where_how_and_whether_active(tiny):
     fusion = layerfuse.fuse(tiny, torch.ones(H), layer=-1, method="multiply", approach="layer")
-    assert "layer=3 (encoder.layer.2)" in repr(fusion) and "active" in repr(fusion)
+    assert "layer=3, site='output' (encoder.layer.2)" in repr(fusion) and "active" in repr(fusion)
     fusion.remove()
     assert "removed" in repr(fusion)
 
@@ -200,3 +200,60 @@ def test_errors_are_layerfuse_errors_and_builtin_kinds():
         value = getattr(layerfuse, name)
         if isinstance(value, type) and issubclass(value, Exception):
             assert issubclass(value, layerfuse.LayerfuseError)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_fuse_many_attaches_in_order_and_removes_all(tiny, batch, approach):
+    before = snapshot(tiny)
+    plain = run(tiny, batch, output_hidden_states=True).hidden_states
+    specs = [
+        dict(info=torch.full((H,), 2.0), layer=2),
+        dict(info=torch.full((H,), 3.0), layer=2, method="multiply"),
+        dict(layer=3, method="scale", alpha=0.5),
+    ]
+    with layerfuse.fuse_many(tiny, specs, approach=approach) as group:
+        assert len(group) == 3 and all(f.approach == approach for f in group)
+        fused = run(tiny, batch, output_hidden_states=True).hidden_states
+        assert torch.equal(fused[2], (plain[2] + 2) * 3)
+        group[2].remove()
+        partly = run(tiny, batch, output_hidden_states=True).hidden_states
+        assert torch.equal(partly[2], fused[2]) and torch.equal(partly[3], fused[3] * 2)
+    assert_unchanged(tiny, before)
+
+
+def test_fuse_many_checks_every_fusion_before_attaching_any(tiny):
+    before = snapshot(tiny)
+    with pytest.raises(layerfuse.LayerIndexError, match="layer 9"):
+        layerfuse.fuse_many(tiny, [dict(info=torch.ones(H), layer=1), dict(info=torch.ones(H), layer=9)])
+    assert_unchanged(tiny, before)
+
+
+def test_nested_fusions_at_different_sites_leave_the_others_working(tiny, batch):
+    plain = run(tiny, batch, output_hidden_states=True).hidden_states
+    with layerfuse.fuse(tiny, torch.ones(H), layer=1, approach="layer") as first:
+        with layerfuse.fuse(tiny, torch.ones(H), layer=2, site="input", approach="hook"):
+            both = run(tiny, batch, output_hidden_states=True).hidden_states
+        only_first = run(tiny, batch, output_hidden_states=True).hidden_states
+        assert first.active
+    assert torch.equal(both[1], plain[1] + 1) and torch.equal(only_first[1], plain[1] + 1)
+    assert not torch.equal(both[2], only_first[2])
+
+
+def test_custom_layer_runs_inside_a_forward_set_on_the_instance(tiny, batch):
+    """Libraries such as accelerate replace a module's forward on the instance; the custom layer wraps it."""
+    block = tiny.encoder.layer[1]
+    calls = []
+    original = block.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = wrapped
+    before = snapshot(tiny)
+    plain = run(tiny, batch, output_hidden_states=True).hidden_states
+    with layerfuse.fuse(tiny, torch.ones(H), layer=2, approach="layer"):
+        fused = run(tiny, batch, output_hidden_states=True).hidden_states
+    assert len(calls) == 2 and torch.equal(fused[2], plain[2] + 1)
+    assert block.__dict__["forward"] is wrapped
+    assert_unchanged(tiny, before)

@@ -22,7 +22,7 @@ from .errors import (
     ModelNotFoundError,
     UnknownNameError,
 )
-from .fusion import Fusion, fuse
+from .fusion import Fusion, FusionGroup, fuse, fuse_many
 from .methods import (
     METHODS,
     Ablate,
@@ -58,6 +58,7 @@ __all__ = [
     "FileFormatError",
     "Film",
     "Fusion",
+    "FusionGroup",
     "FusionStateError",
     "Gate",
     "InfoShapeError",
@@ -75,6 +76,7 @@ __all__ = [
     "UnknownNameError",
     "compare",
     "fuse",
+    "fuse_many",
     "load_fusion",
     "load_model",
     "register_method",

@@ -1,13 +1,15 @@
 """By which mechanism: a forward hook on the module, or a custom layer that changes its forward in place.
 
-Both call `fuse_output` on the module's own output, so their results are the same tensor operations.
-Each mechanism keeps one list of fusions per module, applied in the order they were attached:
+Both hand the module's own input or output to the same fusion code (`Fusion.fuse_input` and
+`Fusion.fuse_output`), so their results are the same tensor operations. Each mechanism keeps, per
+module, the fusions of its input and of its output, applied in the order they were attached:
 
-- `hook` registers one forward hook, first in line (`prepend=True`), so that every other hook on the
-  module, the model's own `hidden_states` capture included, sees the fused output;
-- `layer` swaps the module's class for a generated subclass whose `forward` fuses the output, as
-  `torch.nn.utils.parametrize` does: the module stays the same object, with the same name, parameters,
-  `state_dict` keys and hooks.
+- `hook` registers a forward pre-hook and a forward hook, first in line (`prepend=True`), so that
+  every other hook on the module, the model's own `hidden_states` capture included, sees the fused
+  value;
+- `layer` swaps the module's class for a generated subclass, as `torch.nn.utils.parametrize` does:
+  its `forward` fuses the output, and its call fuses the input before any hook sees it. The module
+  stays the same object, with the same name, parameters, `state_dict` keys and hooks.
 
 On a module fused by both, the custom layer's fusions come first (they run inside `forward`).
 
@@ -18,7 +20,7 @@ On a module fused by both, the custom layer's fusions come first (they run insid
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,59 +28,77 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import FusionStateError
-from .outputs import split_output
 
 if TYPE_CHECKING:
     from .fusion import Fusion
 
 Detach = Callable[[], None]
-
-_HOOK = "_layerfuse_hook"
-_LAYER = "_layerfuse_layer"
+Arguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def fuse_output(fusions: Sequence[Fusion], output: Any) -> Any:
-    """Apply `fusions` in order to the hidden states in `output`, and return it in its own form."""
-    if not fusions:
-        return output
-    hidden, rebuild = split_output(output)
+@dataclass
+class _Attached:
+    """The fusions one approach applies at one module, by point, in the order they were attached."""
+
+    input: list[Fusion] = field(default_factory=list)
+    output: list[Fusion] = field(default_factory=list)
+    handles: dict[str, RemovableHandle] = field(default_factory=dict)
+    original: type[nn.Module] | None = None
+    instance_forward: Callable[..., Any] | None = None
+
+
+def fuse_inputs(fusions: list[Fusion], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
     for fusion in fusions:
-        hidden = fusion.apply(hidden)
-    return rebuild(hidden)
+        args, kwargs = fusion.fuse_input(args, kwargs)
+    return args, kwargs
 
 
-@dataclass
-class _HookState:
-    handle: RemovableHandle
-    fusions: list[Fusion] = field(default_factory=list)
+def fuse_outputs(fusions: list[Fusion], output: Any) -> Any:
+    for fusion in fusions:
+        output = fusion.fuse_output(output)
+    return output
 
 
-@dataclass
-class _LayerState:
-    original: type[nn.Module]
-    fusions: list[Fusion] = field(default_factory=list)
+def _attach(key: str, module: nn.Module, fusion: Fusion, install: Callable[[_Attached, str], None],
+            uninstall: Callable[[_Attached, str], None]) -> Detach:
+    attached = module.__dict__.get(key)
+    if attached is None:
+        attached = module.__dict__[key] = _Attached()
+    point = fusion.site.point
+    fusions = getattr(attached, point)
+    if not fusions:
+        install(attached, point)
+    fusions.append(fusion)
 
+    def detach() -> None:
+        fusions.remove(fusion)
+        if not fusions:
+            uninstall(attached, point)
+        if not attached.input and not attached.output and attached.original is None:
+            del module.__dict__[key]
 
-def _output_hook(fusions: list[Fusion], module: nn.Module, args: Any, output: Any) -> Any:
-    return fuse_output(fusions, output)
+    return detach
 
 
 def attach_hook(module: nn.Module, fusion: Fusion) -> Detach:
-    """Fuse `module`'s output with a forward hook; return the function that detaches it."""
-    state = module.__dict__.get(_HOOK)
-    if state is None:
-        fusions: list[Fusion] = []
-        handle = module.register_forward_hook(functools.partial(_output_hook, fusions), prepend=True)
-        state = module.__dict__[_HOOK] = _HookState(handle, fusions)
-    state.fusions.append(fusion)
+    """Fuse `module`'s input or output with a hook placed first; return the function that detaches it."""
 
-    def detach() -> None:
-        state.fusions.remove(fusion)
-        if not state.fusions:
-            state.handle.remove()
-            del module.__dict__[_HOOK]
+    def install(attached: _Attached, point: str) -> None:
+        if point == "input":
+            fusions = attached.input
+            attached.handles[point] = module.register_forward_pre_hook(
+                lambda _, args, kwargs: fuse_inputs(fusions, args, kwargs), prepend=True, with_kwargs=True
+            )
+        else:
+            fusions = attached.output
+            attached.handles[point] = module.register_forward_hook(
+                lambda _, args, output: fuse_outputs(fusions, output), prepend=True
+            )
 
-    return detach
+    def uninstall(attached: _Attached, point: str) -> None:
+        attached.handles.pop(point).remove()
+
+    return _attach("_layerfuse_hook", module, fusion, install, uninstall)
 
 
 def _refuse_pickle(self: nn.Module, protocol: int) -> Any:
@@ -91,34 +111,50 @@ def _refuse_pickle(self: nn.Module, protocol: int) -> Any:
 
 @functools.cache
 def _fused_class(cls: type[nn.Module]) -> type[nn.Module]:
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        attached = self.__dict__["_layerfuse_layer"]
+        if attached.input:
+            args, kwargs = fuse_inputs(attached.input, args, kwargs)
+        return cls.__call__(self, *args, **kwargs)
+
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return fuse_output(self.__dict__[_LAYER].fusions, cls.forward(self, *args, **kwargs))
+        attached = self.__dict__["_layerfuse_layer"]
+        inner = attached.instance_forward
+        output = inner(*args, **kwargs) if inner is not None else cls.forward(self, *args, **kwargs)
+        return fuse_outputs(attached.output, output)
 
     return type(
         f"Fused{cls.__name__}",
         (cls,),
-        {"forward": forward, "__reduce_ex__": _refuse_pickle, "__module__": __name__},
+        {"__call__": __call__, "forward": forward, "__reduce_ex__": _refuse_pickle, "__module__": __name__},
     )
 
 
 def attach_layer(module: nn.Module, fusion: Fusion) -> Detach:
-    """Fuse `module`'s output by swapping in a class whose forward fuses it; return the detacher."""
-    state = module.__dict__.get(_LAYER)
-    if state is None:
-        original = type(module)
-        state = module.__dict__[_LAYER] = _LayerState(original)
-        module.__class__ = _fused_class(original)
-    state.fusions.append(fusion)
+    """Fuse `module`'s input or output by swapping in a class whose forward does it; return the detacher."""
 
-    def detach() -> None:
-        state.fusions.remove(fusion)
-        # Restore the class only when ours is still on top; under another library's swap, our
-        # forward stays in its chain with no fusions, a pass-through.
-        if not state.fusions and type(module) is _fused_class(state.original):
-            module.__class__ = state.original
-            del module.__dict__[_LAYER]
+    def install(attached: _Attached, point: str) -> None:
+        if attached.original is None:
+            attached.original = type(module)
+            # A forward set on the instance (accelerate's hooks, transformers 4.x output capture)
+            # would shadow the class's: ours takes its place and calls it.
+            attached.instance_forward = module.__dict__.pop("forward", None)
+            module.__class__ = _fused_class(attached.original)
 
-    return detach
+    def uninstall(attached: _Attached, point: str) -> None:
+        # Restore the class once nothing is attached, and only while ours is on top; under another
+        # library's later swap, our forward stays in its chain as a pass-through.
+        fused = _fused_class(attached.original)
+        if not attached.input and not attached.output and type(module) is fused:
+            bound = module.__dict__.get("forward")
+            if getattr(bound, "__func__", None) is fused.forward:
+                del module.__dict__["forward"]
+            if attached.instance_forward is not None:
+                module.__dict__["forward"] = attached.instance_forward
+            module.__class__ = attached.original
+            attached.original = attached.instance_forward = None
+
+    return _attach("_layerfuse_layer", module, fusion, install, uninstall)
 
 
 APPROACHES: dict[str, Callable[[nn.Module, Fusion], Detach]] = {

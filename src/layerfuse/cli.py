@@ -2,6 +2,7 @@
 
     layerfuse compare --layer 3 --method clamp --value 2 --positions tokens --json
     layerfuse methods
+    layerfuse inspect
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import json
 import sys
 from collections.abc import Sequence
 
+from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from .compare import DEFAULT_TEXTS, compare
 from .errors import LayerfuseError
 from .info import read_info
 from .methods import INFO_SHAPES, METHODS, method_names, method_parameters
+from .models import load_model
 from .positions import NAMED, PositionsLike
+from .sites import find_blocks, site_table
 
 
 def positions_argument(text: str) -> PositionsLike:
@@ -59,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         help="list the integration methods with their formulas and arguments",
         description="List every registered integration method: its formula, the info it takes and its arguments.",
     )
+    inspect = commands.add_parser(
+        "inspect",
+        help="show the layers and sites of a model that layer= and site= can name",
+        description="Print the model's block list, hidden size, and for each layer the module that each "
+        "site (output, input, attention, mlp) resolves to.",
+    )
+    inspect.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
     cmp = commands.add_parser(
         "compare",
         help="fuse by hook and by custom layer on one padded batch; check they agree and time them",
@@ -89,6 +100,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def inspect_report(model: nn.Module) -> str:
+    """The model's blocks, hidden size and, for each layer, the module each site resolves to."""
+    blocks = find_blocks(model)
+    rows = site_table(model)
+    widths = {key: max(len(key), *(len(row[key]) for row in rows)) for key in rows[0]}
+    lines = [
+        f"{type(model).__name__} (model_type {model.config.model_type}), hidden size {model.config.hidden_size}, "
+        f"{len(blocks)} blocks: {blocks[0].name} .. {blocks[-1].name}",
+        "layer=k is hidden_states[k]; sites: output (default), input, attention, mlp, embeddings (= layer 0),",
+        "or any module by its dotted name. Both approaches (hook, layer) apply at every site.",
+        "",
+        "  ".join(key.ljust(width) for key, width in widths.items()).rstrip(),
+    ]
+    lines += ["  ".join(row[key].ljust(width) for key, width in widths.items()).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, _ = load_model(args.model)
+    print(inspect_report(model))
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     print(methods_table())
     return 0
@@ -111,7 +145,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if result.identical else 1
 
 
-COMMANDS = {"methods": _methods, "compare": _compare}
+COMMANDS = {"methods": _methods, "inspect": _inspect, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

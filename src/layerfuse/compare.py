@@ -20,7 +20,7 @@ from .fusion import fuse
 from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .positions import PositionsLike
-from .sites import find_blocks, resolve_layer
+from .sites import find_blocks, resolve_site
 from .timing import Summary, time_interleaved
 
 DEFAULT_TEXTS = (
@@ -107,7 +107,7 @@ def compare(
     if not texts:
         raise ArgumentValueError("texts must hold at least one text")
     network, tokenizer = load_model(model)
-    layer = resolve_layer(network, len(find_blocks(network)[1]) // 2 if layer is None else layer).layer
+    layer = resolve_site(network, layer=len(find_blocks(network)) // 2 if layer is None else layer).layer
     batch = tokenizer(list(texts), return_tensors="pt", padding=True)
     if info is None:
         info = random_info(method, network.config.hidden_size, seed)

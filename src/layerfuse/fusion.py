@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,19 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .approaches import APPROACHES, Detach
-from .errors import UnknownNameError
+from .approaches import APPROACHES, Arguments, Detach
+from .errors import ArchitectureError, UnknownNameError
 from .info import Info
 from .methods import Method, make_method
-from .positions import AttentionMaskWatch, Positions, PositionsLike
-from .sites import Site, resolve_layer
+from .outputs import split_output
+from .positions import Positions, PositionsLike
+from .sites import Site, resolve_site
+from .watch import ForwardWatch
 
 
 class Fusion:
-    """An attached fusion: `method` combines `info` into the output at `site`, by `approach`, at `positions`.
+    """A fusion: `method` combines `info` into `site` of `model`, by `approach`, at `positions`.
 
-    Made by `fuse` (or `load_fusion`). A context manager; `remove()` detaches it and may be called
-    any number of times.
+    Made and attached by `fuse` (or `fuse_many`, `load_fusion`). A context manager; `remove()`
+    detaches it and may be called any number of times.
     """
 
     def __init__(
@@ -45,27 +48,40 @@ class Fusion:
         self.info = info
         self.approach = approach
         self.positions = positions
-        self._watch = AttentionMaskWatch(model) if positions.needs_attention_mask else None
-        try:
-            self._detach: Detach | None = APPROACHES[approach](site.module, self)
-        except BaseException:
-            if self._watch is not None:
-                self._watch.remove()
-            raise
+        self._watch: ForwardWatch | None = None
+        self._detach: Detach | None = None
 
     @property
-    def layer(self) -> int:
-        """The index that `hidden_states` gives the fused tensor."""
+    def layer(self) -> int | None:
+        """The index that `hidden_states` gives the fused tensor (None for a site named by module)."""
         return self.site.layer
 
     @property
     def active(self) -> bool:
-        """Whether the fusion is still attached to the model."""
+        """Whether the fusion is attached to the model."""
         return self._detach is not None
+
+    def attach(self) -> Fusion:
+        """Attach the fusion to the model (done by `fuse`); return it."""
+        if self._detach is None:
+            if self.positions.needs_attention_mask or self.site.call is not None:
+                self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
+            self._detach = APPROACHES[self.approach](self.site.module, self)
+        return self
+
+    def remove(self) -> None:
+        """Detach the fusion, leaving the model as it was; calling it again does nothing."""
+        detach, self._detach = self._detach, None
+        if detach is not None:
+            detach()
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
 
     def set_info(self, info: torch.Tensor | None) -> None:
         """Replace the info, checked as `fuse` checks it (e.g. a new batch's per-example info)."""
-        new = Info(info, layout=self.info.layout, size=self.method.info_dim(self.model.config.hidden_size), prepare=self.method.prepare)
+        hidden_size = self.model.config.hidden_size
+        new = Info(info, layout=self.info.layout, size=self.method.info_dim(hidden_size), prepare=self.method.prepare)
         if self.info.tensor is not None:
             new.to(self.info.tensor.dtype, self.info.tensor.device)
         self.info = new
@@ -77,73 +93,146 @@ class Fusion:
         return save_fusion(self, directory)
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Combine the info into `hidden` (B, T, H) at the chosen positions: the one function both approaches call."""
+        """Combine the info into `hidden` (B, T, H) at the chosen positions: what both approaches run."""
         fused = self.method(hidden, self.info.for_hidden(hidden))
         chosen = self.positions.select(hidden, None if self._watch is None else self._watch.mask)
         return fused if chosen is None else torch.where(chosen, fused, hidden)
 
-    def remove(self) -> None:
-        """Detach the fusion, leaving the model as it was; calling it again does nothing."""
-        detach, self._detach = self._detach, None
-        if detach is not None:
-            detach()
-            if self._watch is not None:
-                self._watch.remove()
+    def _this_call(self) -> bool:
+        if self.site.call is None:
+            return True
+        self._watch.calls += 1
+        return self._watch.calls == self.site.call
+
+    def fuse_output(self, output: Any) -> Any:
+        """`output` of the site's module with the fusion applied to its hidden states."""
+        if not self._this_call():
+            return output
+        hidden, rebuild = split_output(output)
+        return rebuild(self.apply(hidden))
+
+    def fuse_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
+        """The site's module's arguments with the fusion applied to its hidden-state input."""
+        if not self._this_call():
+            return args, kwargs
+        if args:
+            return (self.apply(args[0]), *args[1:]), kwargs
+        name = self.site.input_name
+        if name not in kwargs:
+            raise ArchitectureError(f"cannot find the hidden states among the inputs of {self.site.name}")
+        return args, {**kwargs, name: self.apply(kwargs[name])}
 
     def __enter__(self) -> Fusion:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.remove()
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         shape = None if self.info.source is None else tuple(self.info.source.shape)
+        where = f"layer={self.layer}, site={self.site.kind!r} ({self.site.name})"
         return (
-            f"Fusion(layer={self.layer} ({self.site.name}), method={self.method!r}, info={shape}, "
+            f"Fusion({where}, method={self.method!r}, info={shape}, "
             f"positions={self.positions.value!r}, approach={self.approach!r}, {state})"
         )
 
 
-def fuse(
+def prepare_fusion(
     model: nn.Module,
     info: torch.Tensor | None = None,
     *,
-    layer: int,
+    layer: int | None = None,
+    site: str = "output",
     method: str | Method = "addition",
     approach: str = "hook",
     positions: PositionsLike = "all",
     **method_arguments: Any,
 ) -> Fusion:
-    """Combine `info` into the output of `layer` in every forward of `model`, until removed.
-
-    `layer=k` is what `output_hidden_states` reports as `hidden_states[k]` (0: embeddings, -1: last
-    block). `method` is a registered name (see `layerfuse.METHODS`), with its arguments as keywords
-    (`alpha=0.5`), or a `Method` instance. `info` has the shapes the method takes: for most, (H,),
-    (B, H) or (B, T, H). `approach` is "hook" or "layer"; `positions` is "all", "tokens", "first",
-    "last", a list of token indices or a boolean (B, T) mask. Everything is checked before the model
-    is touched.
-    """
+    """Check everything and build the `Fusion` that `fuse` attaches; the model is not touched."""
     if not isinstance(approach, str) or approach not in APPROACHES:
         raise UnknownNameError(f"unknown approach {approach!r}: use one of {', '.join(APPROACHES)}")
-    site = resolve_layer(model, layer)
+    where = resolve_site(model, layer=layer, site=site)
     hidden_size = model.config.hidden_size
     info_size = info.shape[-1] if isinstance(info, torch.Tensor) and info.ndim else None
     fusion_method = make_method(method, hidden_size=hidden_size, info_size=info_size, **method_arguments)
     fusion_info = Info(
-        info,
-        layout=fusion_method.info_layout,
-        size=fusion_method.info_dim(hidden_size),
-        prepare=fusion_method.prepare,
+        info, layout=fusion_method.info_layout, size=fusion_method.info_dim(hidden_size), prepare=fusion_method.prepare
     )
     fusion_positions = Positions(positions)
     weight = next(model.parameters(), None)
     if weight is not None:
         fusion_method.to(device=weight.device, dtype=weight.dtype)
         fusion_info.to(weight.dtype, weight.device)
-    return Fusion(model, site, fusion_method, fusion_info, approach, fusion_positions)
+    return Fusion(model, where, fusion_method, fusion_info, approach, fusion_positions)
+
+
+def fuse(
+    model: nn.Module,
+    info: torch.Tensor | None = None,
+    *,
+    layer: int | None = None,
+    site: str = "output",
+    method: str | Method = "addition",
+    approach: str = "hook",
+    positions: PositionsLike = "all",
+    **method_arguments: Any,
+) -> Fusion:
+    """Combine `info` into `layer` of `model` in every forward, until removed.
+
+    `layer=k` is what `output_hidden_states` reports as `hidden_states[k]` (0: embeddings, -1: the
+    last). `site` is "output" (that tensor), "input", "attention" or "mlp" of block k, "embeddings",
+    or a module's dotted name (then no layer). `method` is a registered name (see
+    `layerfuse.METHODS`), with its arguments as keywords (`alpha=0.5`), or a `Method`. `info` has
+    the shapes the method takes: for most, (H,), (B, H) or (B, T, H). `approach` is "hook" or
+    "layer"; `positions` is "all", "tokens", "first", "last", token indices or a (B, T) mask.
+    Everything is checked before the model is touched.
+    """
+    return prepare_fusion(
+        model, info, layer=layer, site=site, method=method, approach=approach, positions=positions, **method_arguments
+    ).attach()
+
+
+class FusionGroup(Sequence[Fusion]):
+    """Several fusions attached together, in order; a context manager that removes them all."""
+
+    def __init__(self, fusions: Sequence[Fusion]) -> None:
+        self._fusions = list(fusions)
+
+    def __getitem__(self, index: int) -> Fusion:  # type: ignore[override]
+        return self._fusions[index]
+
+    def __len__(self) -> int:
+        return len(self._fusions)
+
+    def __iter__(self) -> Iterator[Fusion]:
+        return iter(self._fusions)
+
+    def remove(self) -> None:
+        """Remove every fusion, last first; calling it again does nothing."""
+        for fusion in reversed(self._fusions):
+            fusion.remove()
+
+    def __enter__(self) -> FusionGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def fuse_many(model: nn.Module, fusions: Sequence[Mapping[str, Any]], **defaults: Any) -> FusionGroup:
+    """Attach several fusions at once, each given as `fuse`'s keyword arguments (`defaults` fill gaps).
+
+    All are checked before any is attached; on one module they apply in the order given.
+
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
+    >>> with fuse_many(model, [dict(info=torch.ones(32), layer=1), dict(layer=2, method="scale", alpha=0.5)]) as group:
+    ...     len(group)
+    2
+    """
+    prepared = [prepare_fusion(model, **{**defaults, **dict(spec)}) for spec in fusions]
+    return FusionGroup([fusion.attach() for fusion in prepared])

@@ -13,14 +13,12 @@ tensor([[False,  True, False, False],
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Union
 
 import torch
-from torch import nn
 
-from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, InfoShapeError
+from .errors import ArgumentTypeError, ArgumentValueError, InfoShapeError
 
 PositionsLike = Union[str, Sequence[int], torch.Tensor]
 NAMED = ("all", "tokens", "first", "last")
@@ -104,39 +102,3 @@ class Positions:
             )
         # With a cache, the mask covers past and current tokens; the current ones are the last columns.
         return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-
-
-class AttentionMaskWatch:
-    """Records the attention mask of each forward of `model`, with a pre-hook, until removed.
-
-    >>> from transformers import BertConfig, BertModel
-    >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
-    >>> watch = AttentionMaskWatch(model)
-    >>> watch.remove()
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        parameters = list(inspect.signature(model.forward).parameters)
-        if "attention_mask" not in parameters:
-            raise ArchitectureError(
-                f"positions 'tokens', 'first' and 'last' read the attention mask, but "
-                f"{type(model).__name__}.forward takes none: give token indices or a boolean mask"
-            )
-        self.index = parameters.index("attention_mask")
-        self.mask: torch.Tensor | None = None
-        self._handles = [
-            model.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
-            model.register_forward_hook(self._exit, always_call=True),
-        ]
-
-    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.mask = kwargs.get("attention_mask", args[self.index] if len(args) > self.index else None)
-
-    def _exit(self, *_: Any) -> None:
-        self.mask = None
-
-    def remove(self) -> None:
-        """Remove the hooks; calling it again does nothing."""
-        for handle in self._handles:
-            handle.remove()
-        self.mask = None

@@ -1,6 +1,6 @@
 """Save a fusion to a folder and load it back onto a model, in the PEFT `save_pretrained` manner.
 
-The folder holds `fusion_config.json` (format version, method and its arguments, layer, approach,
+The folder holds `fusion_config.json` (format version, method and its arguments, layer, site, approach,
 positions, the model's hidden size) and `fusion.safetensors` (the method's parameters, the info and
 a positions mask if there is one). Loading checks everything before the model is touched.
 
@@ -58,6 +58,7 @@ def save_fusion(fusion: Fusion, directory: str | os.PathLike[str]) -> Path:
         "method": name,
         "arguments": fusion.method.arguments(),
         "layer": fusion.layer,
+        "site": fusion.site.name if fusion.site.kind == "module" else fusion.site.kind,
         "approach": fusion.approach,
         "positions": fusion.positions.to_json(),
         "hidden_size": fusion.model.config.hidden_size,
@@ -135,6 +136,7 @@ def load_fusion(
         model,
         info,
         layer=config["layer"],
+        site=config.get("site", "output"),
         method=method,
         approach=approach or config["approach"],
         positions=positions,
