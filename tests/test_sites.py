@@ -99,3 +99,11 @@ def test_bad_sites_get_clear_errors_and_touch_nothing(tiny, case):
     with pytest.raises(error, match=message):
         layerfuse.fuse(tiny, torch.ones(32), **options)
     assert_unchanged(tiny, before)
+
+
+def test_positions_that_need_the_attention_mask_refuse_a_model_without_one():
+    model = TwoStacks()
+    before = snapshot(model)
+    with pytest.raises(layerfuse.ArchitectureError, match="forward takes none: give token indices or a boolean mask"):
+        layerfuse.fuse_many(model, [dict(info=torch.ones(32), site="decoder.0"), dict(info=torch.ones(32), site="decoder.1", positions="tokens")])
+    assert_unchanged(model, before)

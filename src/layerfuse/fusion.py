@@ -29,7 +29,7 @@ from .methods import Method, make_method
 from .outputs import split_output
 from .positions import Positions, PositionsLike
 from .sites import Site, resolve_site
-from .watch import ForwardWatch
+from .watch import ForwardWatch, attention_mask_index
 
 
 class Fusion:
@@ -66,7 +66,11 @@ class Fusion:
         if self._detach is None:
             if self.positions.needs_attention_mask or self.site.call is not None:
                 self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
-            self._detach = APPROACHES[self.approach](self.site.module, self)
+            try:
+                self._detach = APPROACHES[self.approach](self.site.module, self)
+            except BaseException:
+                self.remove()
+                raise
         return self
 
     def remove(self) -> None:
@@ -162,6 +166,8 @@ def prepare_fusion(
         info, layout=fusion_method.info_layout, size=fusion_method.info_dim(hidden_size), prepare=fusion_method.prepare
     )
     fusion_positions = Positions(positions)
+    if fusion_positions.needs_attention_mask:
+        attention_mask_index(model)
     weight = next(model.parameters(), None)
     if weight is not None:
         fusion_method.to(device=weight.device, dtype=weight.dtype)

@@ -21,19 +21,22 @@ from torch import nn
 from .errors import ArchitectureError
 
 
+def attention_mask_index(model: nn.Module) -> int:
+    """Where `model.forward` takes `attention_mask` among its positional arguments."""
+    parameters = list(inspect.signature(model.forward).parameters)
+    if "attention_mask" not in parameters:
+        raise ArchitectureError(
+            f"positions 'tokens', 'first' and 'last' read the attention mask, but "
+            f"{type(model).__name__}.forward takes none: give token indices or a boolean mask"
+        )
+    return parameters.index("attention_mask")
+
+
 class ForwardWatch:
     """Records, for each forward of `model`, its attention mask and a count of the fused module's calls."""
 
     def __init__(self, model: nn.Module, *, needs_mask: bool) -> None:
-        self.index: int | None = None
-        if needs_mask:
-            parameters = list(inspect.signature(model.forward).parameters)
-            if "attention_mask" not in parameters:
-                raise ArchitectureError(
-                    f"positions 'tokens', 'first' and 'last' read the attention mask, but "
-                    f"{type(model).__name__}.forward takes none: give token indices or a boolean mask"
-                )
-            self.index = parameters.index("attention_mask")
+        self.index = attention_mask_index(model) if needs_mask else None
         self.mask: torch.Tensor | None = None
         self.calls = 0
         self._handles = [
