@@ -136,3 +136,11 @@ def test_token_positions_leave_padding_alone_and_the_watch_goes_with_the_fusion(
 def test_names_cannot_be_registered_twice():
     with pytest.raises(ValueError, match="'add' is already registered"):
         register_method("add")(layerfuse.Addition)
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_a_learned_fusion_follows_the_model_to_another_dtype(tiny, batch, approach):
+    with layerfuse.fuse(tiny, torch.randn(3, 5), layer=2, method="film", approach=approach) as fusion:
+        tiny.to(torch.bfloat16)
+        out = tiny(**batch).last_hidden_state
+    assert out.dtype == torch.bfloat16 and fusion.method.gamma.weight.dtype == torch.bfloat16

@@ -60,6 +60,12 @@ class LearnedMethod(Method):
     def arguments(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "info_size": self.info_size}
 
+    def follow(self, hidden: torch.Tensor) -> None:
+        """Move the parameters to `hidden`'s dtype and device if the model has moved since `fuse`."""
+        weight = next(self.parameters())
+        if weight.dtype != hidden.dtype or weight.device != hidden.device:
+            self.to(dtype=hidden.dtype, device=hidden.device)
+
 
 @register_method("film")
 class Film(LearnedMethod):
@@ -73,6 +79,7 @@ class Film(LearnedMethod):
         self.beta = zero_linear(self.info_size, self.hidden_size)
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        self.follow(hidden)
         return hidden * (1 + self.gamma(info)) + self.beta(info)
 
 
@@ -98,6 +105,7 @@ class Gate(LearnedMethod):
         return {**super().arguments(), "beta": self.beta}
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        self.follow(hidden)
         info = info.expand(*hidden.shape[:-1], info.shape[-1])
         shift = F.relu(self.gate(torch.cat([hidden, info], dim=-1))) * self.project(info)
         ratio = self.beta * hidden.norm(dim=-1, keepdim=True) / (shift.norm(dim=-1, keepdim=True) + 1e-6)
@@ -115,6 +123,7 @@ class Concat(LearnedMethod):
         self.project = zero_linear(self.hidden_size + self.info_size, self.hidden_size)
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        self.follow(hidden)
         info = info.expand(*hidden.shape[:-1], info.shape[-1])
         return hidden + self.project(torch.cat([hidden, info], dim=-1))
 
@@ -143,6 +152,7 @@ class CrossAttention(LearnedMethod):
         return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        self.follow(hidden)
         info = info.expand(hidden.shape[0], *info.shape[-2:])
         attended = F.scaled_dot_product_attention(
             self._split(self.query(hidden)), self._split(self.key(info)), self._split(self.value(info))
