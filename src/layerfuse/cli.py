@@ -3,6 +3,7 @@
     layerfuse compare --layer 3 --method clamp --value 2 --positions tokens --json
     layerfuse methods
     layerfuse inspect
+    layerfuse run corpus.jsonl --output embeddings.parquet --layer 3 --info steer.npy
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .info import read_info
 from .methods import INFO_SHAPES, METHODS, method_names, method_parameters
 from .models import load_model
 from .positions import NAMED, PositionsLike
+from .run import ENGINES, POOLINGS, embed_corpus
+from .run.spec import fusion_spec
 from .sites import find_blocks, site_table
 
 
@@ -97,6 +100,62 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--repeats", type=int, default=20, help="interleaved timed runs per variant (default: 20)")
     cmp.add_argument("--seed", type=int, default=0, help="seed of the random info (default: 0)")
     cmp.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    run = commands.add_parser(
+        "run",
+        help="embed every text of a corpus with the fused model: resumable, bad-row tolerant, locally or on Ray",
+        description="Embed the texts of INPUT with the model fused by --layer (--method, --info, ...) or by "
+        "--fusion DIR (neither: the plain model) into --output. Bad rows are skipped, counted and listed in a "
+        "rejects file; a killed run carries on with --resume. Exit code 1 if some embeddings held NaN or "
+        "infinity (they are rejected, not written), 2 for bad arguments.",
+    )
+    run.add_argument("input", metavar="INPUT", help=".txt (one text a line), .jsonl, .csv or .parquet")
+    run.add_argument(
+        "--output", "-o", required=True, metavar="OUT",
+        help=".parquet (row, id, text, embedding), .npy or .safetensors; with --engine ray, a folder of Parquet files",
+    )
+    run.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
+    run.add_argument("--layer", type=int, metavar="K", help="hidden_states index to fuse at")
+    run.add_argument("--method", help="integration method (see 'layerfuse methods'; default: addition)")
+    run.add_argument("--alpha", type=float, help="the method's alpha (addition, scale, interpolate)")
+    run.add_argument("--value", type=float, help="the method's value (clamp)")
+    run.add_argument(
+        "--info", metavar="FILE",
+        help="info tensor from a .npy, .pt or .safetensors file: (D,) for every row, or (N, D) with one row per "
+        "corpus row, bad rows included",
+    )
+    run.add_argument("--approach", help="hook (default, or the saved fusion's) or layer")
+    run.add_argument("--positions", choices=NAMED, help="where to fuse: all (default), tokens, first, last")
+    run.add_argument("--fusion", metavar="DIR", help="a saved fusion's folder, instead of --layer and --method")
+    run.add_argument(
+        "--text-column", metavar="NAME", help="the texts' column in .jsonl, .csv and .parquet input (default: text)"
+    )
+    run.add_argument("--id-column", metavar="NAME", help="a column carried to the output as id")
+    run.add_argument("--include-text", action="store_true", help="write the texts to the Parquet output too")
+    run.add_argument(
+        "--pooling", choices=POOLINGS, default="mean",
+        help="mean over real tokens (default), cls (first token), or none: every real token's state (Parquet only)",
+    )
+    run.add_argument(
+        "--max-length", type=int, metavar="TOKENS", help="truncate to this many tokens (default: the model's limit)"
+    )
+    run.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward (default: 32)")
+    run.add_argument(
+        "--shard-size", type=int, default=4096, metavar="ROWS",
+        help="rows per shard, the most a kill can lose (default: 4096)",
+    )
+    run.add_argument("--rejects", metavar="FILE", help="the bad rows' list (default: OUT's name with .rejects.jsonl)")
+    run.add_argument("--overwrite", action="store_true", help="replace OUT and its rejects file if they exist")
+    run.add_argument("--resume", action="store_true", help="carry on the interrupted run of the same job")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar (none either off a terminal)")
+    run.add_argument(
+        "--engine", choices=ENGINES, default="local", help="local (default) or ray (pip install 'layerfuse[ray]')"
+    )
+    run.add_argument(
+        "--ray-address", metavar="ADDRESS", help="the Ray cluster to run on (default: a local Ray started for the job)"
+    )
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="Ray actors, one CPU each (default: every CPU of the cluster)"
+    )
     return parser
 
 
@@ -145,7 +204,42 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if result.identical else 1
 
 
-COMMANDS = {"methods": _methods, "inspect": _inspect, "compare": _compare}
+def _run(args: argparse.Namespace) -> int:
+    method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+    fusion = fusion_spec(
+        layer=args.layer,
+        saved=args.fusion,
+        method=args.method,
+        arguments=method_arguments,
+        info=read_info(args.info) if args.info else None,
+        approach=args.approach,
+        positions=args.positions,
+    )
+    summary = embed_corpus(
+        args.input,
+        args.output,
+        model=args.model,
+        fusion=fusion,
+        text_column=args.text_column,
+        id_column=args.id_column,
+        include_text=args.include_text,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        rejects=args.rejects,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet and sys.stderr.isatty(),
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
+    )
+    print(summary.report())
+    return 1 if summary.nonfinite else 0
+
+
+COMMANDS = {"methods": _methods, "inspect": _inspect, "compare": _compare, "run": _run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

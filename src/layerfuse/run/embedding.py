@@ -1,0 +1,141 @@
+"""`Embedder`: embed a table of texts with a model and its fusion, sorted by length into batches.
+
+Sorting by token count puts texts of similar length together, so batches carry little padding; the
+embeddings come back in the table's order. Pooling is "mean" (over real tokens), "cls" (the first
+token) or "none" (every real token's state). Each row is flagged if it was truncated to
+`max_length` tokens or if its embedding holds NaN or infinity.
+
+>>> import pyarrow as pa
+>>> with Embedder.load(max_length=8) as embedder:
+...     out = embedder(pa.table({"row": [0, 1], "text": ["a short text", "a text that is longer than eight tokens"]}))
+>>> out.column_names, out["embedding"].type.list_size, out["truncated"].to_pylist(), out["finite"].to_pylist()
+(['row', 'text', 'embedding', 'truncated', 'finite'], 384, [False, True], [True, True])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import TracebackType
+
+import numpy
+import pyarrow as pa
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import ArgumentValueError
+from ..fusion import Fusion
+from ..models import load_model
+from .spec import FusionSpec
+
+POOLINGS = ("mean", "cls", "none")
+
+
+def embedding_type(hidden_size: int, pooling: str) -> pa.DataType:
+    """The Arrow type of an embedding: a fixed-size list of floats, or a list of them per token."""
+    vector = pa.list_(pa.float32(), hidden_size)
+    return pa.list_(vector) if pooling == "none" else vector
+
+
+class Embedder:
+    """Embeds the `text` column of Arrow tables with `model` (fused by `fusion`, if any), under inference mode.
+
+    Info with one row per corpus row is handed to the fusion batch by batch, by the `row` column.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        fusion: Fusion | None = None,
+        *,
+        pooling: str = "mean",
+        max_length: int | None = None,
+        batch_size: int = 32,
+        bucket: bool = True,
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise ArgumentValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ArgumentValueError(f"batch size must be a positive int, got {batch_size!r}")
+        limits = (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
+        limit = min(value for value in limits if value)
+        shortest = tokenizer.num_special_tokens_to_add() + 1
+        if max_length is not None and not shortest <= max_length <= limit:
+            raise ArgumentValueError(
+                f"max length must be from {shortest} to this model's {limit} tokens, got {max_length}"
+            )
+        self.model, self.tokenizer, self.fusion = model, tokenizer, fusion
+        self.pooling, self.batch_size, self.bucket = pooling, batch_size, bucket
+        self.max_length = limit if max_length is None else max_length
+        self.hidden_size: int = model.config.hidden_size
+        self.row_info = fusion.info.source if fusion is not None and fusion.info.batch_size is not None else None
+
+    @classmethod
+    def load(
+        cls, model: str | os.PathLike[str] | None = None, fusion: FusionSpec | None = None, **options: object
+    ) -> Embedder:
+        """Load `model` (None: the embedded MiniLM BERT), attach `fusion` to it, and embed with `options`."""
+        network, tokenizer = load_model(model)
+        attached = None if fusion is None else fusion.attach(network)
+        try:
+            return cls(network, tokenizer, attached, **options)
+        except BaseException:
+            if attached is not None:
+                attached.remove()
+            raise
+
+    def __call__(self, table: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
+        """`table` with `embedding`, `truncated` and `finite` columns added; `progress(n)` after each batch."""
+        texts = table.column("text").to_pylist()
+        rows = torch.tensor(table.column("row").to_pylist(), dtype=torch.long)
+        tokens = self.tokenizer(texts, verbose=False, return_attention_mask=False)["input_ids"] if texts else []
+        lengths = numpy.array([len(ids) for ids in tokens], dtype=numpy.int64)
+        order = numpy.argsort(lengths, kind="stable") if self.bucket else numpy.arange(len(texts))
+        states: list[numpy.ndarray] = [numpy.empty((0, self.hidden_size), numpy.float32)] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                for index, state in zip(batch, self._forward([texts[i] for i in batch], rows[batch])):
+                    states[index] = state
+                if progress is not None:
+                    progress(len(batch))
+        values = numpy.concatenate([numpy.empty((0, self.hidden_size), numpy.float32), *states])
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.hidden_size)
+        if self.pooling == "none":
+            offsets = numpy.cumsum([0] + [len(state) for state in states], dtype=numpy.int32)
+            vectors = pa.ListArray.from_arrays(pa.array(offsets), vectors)
+        finite = [bool(numpy.isfinite(state).all()) for state in states]
+        return (
+            table.append_column("embedding", vectors)
+            .append_column("truncated", pa.array(lengths > self.max_length, pa.bool_()))
+            .append_column("finite", pa.array(finite, pa.bool_()))
+        )
+
+    def _forward(self, texts: list[str], rows: torch.Tensor) -> list[numpy.ndarray]:
+        """One padded batch: each text's pooled state (1, H), or its real tokens' states (T, H)."""
+        inputs = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        if self.row_info is not None:
+            self.fusion.set_info(self.row_info[rows])
+        hidden = self.model(**inputs).last_hidden_state.float()
+        mask = inputs["attention_mask"].bool()
+        if self.pooling == "cls":
+            pooled = hidden[:, :1]
+        elif self.pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
+        else:
+            return [state[real].numpy() for state, real in zip(hidden, mask)]
+        return list(pooled.numpy())
+
+    def close(self) -> None:
+        """Remove the fusion from the model."""
+        if self.fusion is not None:
+            self.fusion.remove()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

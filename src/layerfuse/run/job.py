@@ -1,0 +1,169 @@
+"""`embed_corpus`: check a run's arguments before any work, then hand the job to the local or the Ray engine.
+
+>>> import pathlib, tempfile, torch, pyarrow.parquet as pq
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> _ = (folder / "texts.txt").write_text("a first text\\n\\na third text\\n")
+>>> fusion = FusionSpec(layer=3, method="addition", info=torch.ones(384))
+>>> summary = embed_corpus(folder / "texts.txt", folder / "out.parquet", fusion=fusion)
+>>> summary.written, summary.rejected
+(2, {'empty text': 1})
+>>> pq.read_table(folder / "out.parquet")["row"].to_pylist()
+[0, 2]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import ArgumentValueError
+from .corpus import Corpus
+from .embedding import Embedder, embedding_type
+from .formats import check_output_format
+from .local import run_local
+from .ray_engine import run_on_ray
+from .spec import FusionSpec
+from .summary import RunSummary
+from .tables import output_schema
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked run: the corpus and its row count, where to write, and how the engines embed."""
+
+    corpus: Corpus
+    rows: int
+    output: Path
+    rejects: Path
+    schema: pa.Schema
+    shard_size: int
+    embedder: dict[str, Any]
+
+    @property
+    def partial(self) -> Path:
+        """The folder that holds the output while the job runs."""
+        return partial_folder(self.output)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the output, as JSON: a run resumes only under the same settings."""
+        stat = self.corpus.path.stat()
+        fusion = self.embedder["fusion"]
+        return {
+            "input": str(self.corpus.path.resolve()),
+            "input_bytes": stat.st_size,
+            "input_mtime_ns": stat.st_mtime_ns,
+            "text_column": self.corpus.text_column,
+            "id_column": self.corpus.id_column,
+            "schema": self.schema.to_string(),
+            "shard_size": self.shard_size,
+            **self.embedder,
+            "model": None if self.embedder["model"] is None else str(self.embedder["model"]),
+            "fusion": None if fusion is None else fusion.describe(),
+        }
+
+    def summary(self, shards: Iterable[dict[str, Any]], *, resumed: int, seconds: float) -> RunSummary:
+        """The summary of the job from its shards' counts: `written`, `truncated` and `rejected` by reason."""
+        shards = list(shards)
+        rejected: Counter[str] = Counter()
+        for shard in shards:
+            rejected.update(shard["rejected"])
+        return RunSummary(
+            self.output, self.rejects, rows=self.rows, written=sum(shard["written"] for shard in shards),
+            truncated=sum(shard["truncated"] for shard in shards), max_length=self.embedder["max_length"],
+            rejected=dict(rejected), resumed=resumed, seconds=seconds,
+        )
+
+
+def partial_folder(output: Path) -> Path:
+    """Where the output of a job is made, beside it: `OUT.partial`."""
+    return output.with_name(output.name + ".partial")
+
+
+def _check_paths(output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool) -> None:
+    for path in (output, rejects):
+        if path.exists() and not overwrite:
+            raise ArgumentValueError(f"{path} exists: pass --overwrite to replace it")
+    if partial.exists() and not (resume or overwrite):
+        raise ArgumentValueError(
+            f"{partial} holds an interrupted run: carry on with --resume, or start over with --overwrite"
+        )
+
+
+def embed_corpus(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    fusion: FusionSpec | None = None,
+    text_column: str | None = None,
+    id_column: str | None = None,
+    include_text: bool = False,
+    pooling: str = "mean",
+    max_length: int | None = None,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    rejects: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+    bucket: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+) -> RunSummary:
+    """Embed every text of `input` with `model` fused by `fusion` (None: the plain model) into `output`.
+
+    `input` is a .txt (one text a line), .jsonl, .csv or .parquet file, with `text_column` (default
+    "text") and `id_column`. The `output` name says its format: .parquet (columns `row`, `id`, `text`
+    if `include_text`, `embedding`), .npy or .safetensors; with `engine="ray"`, a folder of Parquet
+    files. Bad rows are skipped and listed in `rejects` (default: the output's name with
+    .rejects.jsonl). The local engine writes shards of `shard_size` rows as it goes; `resume`
+    carries on an interrupted run. Bad arguments raise a `LayerfuseError` before any work.
+    """
+    if engine not in ENGINES:
+        raise ArgumentValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ArgumentValueError(f"shard size must be a positive int, got {shard_size!r}")
+    corpus = Corpus(input, text_column=text_column, id_column=id_column)
+    output = Path(output)
+    if engine == "ray":
+        if output.suffix not in ("", ".parquet"):
+            raise ArgumentValueError(f"the ray engine writes a folder of Parquet files, not {output.suffix}")
+        if resume:
+            raise ArgumentValueError("the ray engine does not resume (Ray retries failed tasks): use the local engine")
+        if importlib.util.find_spec("ray") is None:
+            raise ArgumentValueError("the ray engine needs Ray: pip install 'layerfuse[ray]'")
+    else:
+        check_output_format(output, pooling)
+        if ray_address is not None or workers is not None:
+            raise ArgumentValueError("a Ray address and workers are for the ray engine (--engine ray)")
+    rejects = Path(rejects) if rejects is not None else output.with_suffix(".rejects.jsonl")
+    _check_paths(output, rejects, partial_folder(output), overwrite=overwrite, resume=resume)
+    rows = corpus.count()
+    settings: dict[str, Any] = {
+        "model": model, "fusion": fusion, "pooling": pooling, "max_length": max_length, "batch_size": batch_size,
+        "bucket": bucket,
+    }
+    with Embedder.load(**settings) as embedder:
+        if embedder.row_info is not None and len(embedder.row_info) != rows:
+            raise ArgumentValueError(
+                f"the info has {len(embedder.row_info)} rows but {corpus.path.name} has {rows}: give one info row "
+                "per corpus row, bad rows included, or one info for every row"
+            )
+        job = Job(
+            corpus, rows, output, rejects,
+            schema=output_schema(embedding_type(embedder.hidden_size, pooling), corpus.id_type, include_text),
+            shard_size=shard_size, embedder=settings | {"max_length": embedder.max_length},
+        )
+        if engine == "local":
+            return run_local(job, embedder, resume=resume, progress=progress)
+    return run_on_ray(job, address=ray_address, workers=workers, progress=progress)

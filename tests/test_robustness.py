@@ -1,0 +1,184 @@
+"""Robustness of the core: generated calls give the reference result or a LayerfuseError and leave the model
+unchanged; a thousand fuse/forward/remove cycles, most ending in an exception, leave nothing behind."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import weakref
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from reference import bert_forward, chosen_positions, fixed_formula
+from torch.utils.hooks import RemovableHandle
+
+import layerfuse
+
+H = TINY["hidden_size"]
+BLOCKS = TINY["num_hidden_layers"]
+
+
+def warm_bert():
+    """A tiny BERT whose `hidden_states` capture hooks are installed (transformers adds them at the first use)."""
+    model = tiny_bert()
+    with torch.no_grad():
+        model(**padded_batch(), output_hidden_states=True)
+    return model
+
+
+MODEL = warm_bert()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
+METHOD_ARGUMENTS = {"addition": ["alpha"], "multiplication": [], "interpolate": ["alpha"], "clamp": ["value"]}
+
+
+@st.composite
+def calls(draw):
+    lengths = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    batch, width = len(lengths), max(lengths)
+    sizes = st.sampled_from([H, H - 1, batch, batch + 1, width, width + 1, 1])
+    shape = draw(st.one_of(
+        st.sampled_from([(H,), (batch, H), (batch, width, H)]),
+        st.lists(sizes, max_size=4).map(tuple),
+    ))
+    dtype = draw(st.sampled_from(DTYPES))
+    info = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))).to(dtype)
+    if info.numel() and info.is_floating_point() and draw(st.booleans()) and draw(st.booleans()):
+        info.view(-1)[draw(st.integers(0, info.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
+    positions = draw(st.one_of(
+        st.sampled_from(["all", "tokens", "first", "last", "middle"]),
+        st.lists(st.integers(-8, 8), min_size=1, max_size=3),
+        st.tuples(st.integers(1, 4), st.integers(1, 7)).map(
+            lambda size: torch.rand(size, generator=torch.Generator().manual_seed(sum(size))) > 0.5
+        ),
+    ))
+    method = draw(st.sampled_from(sorted(METHOD_ARGUMENTS)))
+    arguments = {name: draw(st.floats(-2, 2)) for name in METHOD_ARGUMENTS[method]}
+    return {
+        "batch": padded_batch(lengths, seed=draw(st.integers(0, 100))),
+        "info": info,
+        "layer": draw(st.integers(-BLOCKS - 2, BLOCKS + 1)),
+        "method": method,
+        "arguments": arguments,
+        "approach": draw(st.sampled_from(["hook", "layer"])),
+        "positions": positions,
+    }
+
+
+def expected_states(call):
+    """tests/reference.py's forward with the method's formula at the chosen positions."""
+    formula = fixed_formula(call["method"], call["arguments"])
+    chosen = chosen_positions(call["positions"], call["batch"]["attention_mask"])[..., None]
+
+    def edit(hidden):
+        info = call["info"].to(hidden.dtype)
+        info = info[:, None, :] if info.ndim == 2 else info
+        return torch.where(chosen, formula(hidden, info), hidden)
+
+    return bert_forward(MODEL, call["batch"], layer=call["layer"] % (BLOCKS + 1), edit=edit)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(calls())
+def test_every_call_gives_the_reference_result_or_a_layerfuse_error(call):
+    before = snapshot(MODEL)
+    try:
+        with torch.no_grad(), layerfuse.fuse(
+            MODEL, call["info"], layer=call["layer"], method=call["method"], approach=call["approach"],
+            positions=call["positions"], **call["arguments"],
+        ):
+            states = MODEL(**call["batch"], output_hidden_states=True).hidden_states
+    except layerfuse.LayerfuseError as error:
+        event(type(error).__name__)
+    else:
+        event("reference result")
+        with torch.no_grad():
+            expected = expected_states(call)
+        for got, want in zip(states, expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_unchanged(MODEL, before)
+
+
+class UserError(Exception):
+    pass
+
+
+def cycle(model, batch, index):
+    """Fuse, run a forward, and leave the with-block by one of three ways; return the fusion."""
+    approach = ("hook", "layer")[index % 2]
+    positions = ("all", "tokens", "last")[index % 3]
+    fusion = layerfuse.fuse(model, torch.ones(H), layer=index % (BLOCKS + 1), approach=approach, positions=positions)
+    ending = index % 4
+    try:
+        with fusion:
+            model(**batch, output_hidden_states=True)
+            if ending == 1:
+                raise UserError(index)
+            if ending == 2:
+                fusion.set_info(torch.ones(5, H))
+                model(**batch)
+            if ending == 3:
+                raise KeyboardInterrupt
+    except (UserError, layerfuse.InfoShapeError, KeyboardInterrupt):
+        pass
+    return fusion
+
+
+def live_objects() -> Counter:
+    """Live objects of layerfuse's classes, tensors and hook handles, by type."""
+    counts: Counter = Counter()
+    for thing in gc.get_objects():
+        kind = type(thing)
+        module = getattr(kind, "__module__", None)
+        if (isinstance(module, str) and module.startswith("layerfuse")) or issubclass(kind, (torch.Tensor, RemovableHandle)):
+            counts[kind.__name__] += 1
+    return counts
+
+
+def test_a_thousand_cycles_with_exceptions_leave_no_hook_no_class_change_and_no_memory_growth():
+    model, batch = warm_bert(), padded_batch()
+    before = snapshot(model)
+    ours = [tracemalloc.Filter(True, str(Path(layerfuse.__file__).parent / "*"))]
+    with torch.no_grad():
+        for index in range(100):
+            cycle(model, batch, index)
+        gc.collect()
+        objects = live_objects()
+        tracemalloc.start()
+        try:
+            start = tracemalloc.take_snapshot().filter_traces(ours)
+            fusions = [weakref.ref(cycle(model, batch, index)) for index in range(100, 1000)]
+            gc.collect()
+            growth = tracemalloc.take_snapshot().filter_traces(ours).compare_to(start, "lineno")
+        finally:
+            tracemalloc.stop()
+    assert_unchanged(model, before)
+    assert all(ref() is None for ref in fusions), "fusions are kept alive after their with-block"
+    assert live_objects() == objects
+    assert sum(stat.size_diff for stat in growth) < 8 * 900, [str(stat) for stat in growth[:3]]  # < 8 bytes a cycle
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_after_the_cycles_the_model_computes_as_before(approach):
+    model, batch = warm_bert(), padded_batch()
+    with torch.no_grad():
+        plain = model(**batch).last_hidden_state
+        for index in range(50):
+            cycle(model, batch, index)
+        assert torch.equal(model(**batch).last_hidden_state, plain)

@@ -1,0 +1,409 @@
+"""`layerfuse run` on the local engine: corpus readers, embeddings against an independent forward, outputs,
+bad rows, bad arguments, and a real kill of a running job followed by `--resume`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from reference import FORMULAS, bert_forward
+from safetensors.numpy import load_file
+from transformers import BertConfig, BertModel
+
+import layerfuse
+from layerfuse.cli import main
+from layerfuse.run import Embedder, FusionSpec, embed_corpus
+from layerfuse.run.corpus import Corpus, Reject, Text
+from layerfuse.run.shards import ShardStore
+
+WORDS = "the a model layer fusion text corpus quick brown fox jumps over lazy dog vector batch token".split()
+
+
+def sentences(count: int, seed: int = 0, longest: int = 30) -> list[str]:
+    generator = numpy.random.default_rng(seed)
+    return [" ".join(generator.choice(WORDS, generator.integers(1, longest))) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> Path:
+    """A 2-block BERT (hidden 32, 64 positions) with the embedded model's tokenizer, saved: quick to run."""
+    _, tokenizer = layerfuse.load_model()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64,
+    )
+    folder = tmp_path_factory.mktemp("small-bert")
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def reference_embeddings(folder, texts, *, layer=None, info=None, pooling="mean", max_length=64):
+    """Each text alone, unpadded, through tests/reference.py's BERT forward (addition at `layer`)."""
+    model, tokenizer = layerfuse.load_model(folder)
+    out = []
+    with torch.no_grad():
+        for index, text in enumerate(texts):
+            batch = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+            row_info = None if info is None else info[index] if info.ndim == 2 else info
+            hidden = bert_forward(model, batch, layer=layer, info=row_info, combine=FORMULAS["addition"])[-1][0]
+            out.append({"mean": hidden.mean(0), "cls": hidden[0], "none": hidden}[pooling].numpy())
+    return out
+
+
+def read_embeddings(path) -> numpy.ndarray:
+    column = pq.read_table(path).column("embedding").combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), -1)
+
+
+# Corpus readers
+
+
+def test_txt_rows_keep_their_numbers_and_bad_ones_say_why(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"one\r\n\n   \t\ncaf\xe9\nfive")
+    corpus = Corpus(path)
+    assert corpus.count() == 5
+    assert list(corpus.rows()) == [
+        Text(0, "one"),
+        Reject(1, "empty text"),
+        Reject(2, "empty text"),
+        Reject(3, "not UTF-8", "'text': invalid byte 0xe9 at position 3"),
+        Text(4, "five"),
+    ]
+    assert [row.row for row in corpus.rows(start=3)] == [3, 4]
+
+
+def test_jsonl_bad_rows_each_get_their_reason(tmp_path):
+    path = tmp_path / "c.jsonl"
+    lines = [
+        b'{"id": 7, "text": "good"}', b"not json", b"", b"[1, 2]", b'{"id": 1}', b'{"id": 2, "text": null}',
+        b'{"id": 3, "text": 5}', b'{"id": 4, "text": "caf\xe9"}', b'{"text": "no id"}', b'{"id": "x", "text": " "}',
+        b'{"id": "s", "text": "fine"}',
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows = list(Corpus(path, id_column="id").rows())
+    assert [(row.row, row.reason if isinstance(row, Reject) else row.text) for row in rows] == [
+        (0, "good"), (1, "not JSON"), (2, "not JSON"), (3, "not a JSON object"), (4, "missing column"),
+        (5, "missing column"), (6, "not text"), (7, "not UTF-8"), (8, "missing column"), (9, "empty text"),
+        (10, "fine"),
+    ]
+    assert rows[0].id == "7" and rows[-1].id == "s"
+    assert rows[2].detail == "empty line" and rows[8].detail == "no 'id' key"
+
+
+def test_csv_rows_are_counted_across_quoted_newlines_and_malformed_rows(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(
+        b'id,text,extra\n007,"first\nspans two lines",x\n2,short\n3,ok,y\n4,\xff,z\n5,,z\n6,too,many,f\n7,last,g\n'
+    )
+    corpus = Corpus(path, id_column="id")
+    rows = list(corpus.rows())
+    assert corpus.count() == len(rows) == 7
+    assert rows[0] == Text(0, "first\nspans two lines", "007")
+    assert [(row.row, row.reason) for row in rows if isinstance(row, Reject)] == [
+        (1, "malformed CSV row"), (3, "not UTF-8"), (4, "empty text"), (5, "malformed CSV row"),
+    ]
+    assert rows[6] == Text(6, "last", "7")
+
+
+def test_parquet_keeps_the_id_type_and_rejects_nulls(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"key": [10, 11, 12], "body": ["a text", None, ""]}), path)
+    corpus = Corpus(path, text_column="body", id_column="key")
+    assert corpus.id_type == pa.int64()
+    assert list(corpus.rows()) == [
+        Text(0, "a text", 10), Reject(1, "missing column", "'body' is null"), Reject(2, "empty text"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "options", "message"),
+    [
+        ("c.csv", b"id,body\n1,x\n", {}, "unknown column 'text' in c.csv: its header has 'id', 'body'"),
+        ("c.jsonl", b'{"body": "x"}\n', {}, "unknown column 'text' in c.jsonl: the first 100 rows have keys 'body'"),
+        ("c.txt", b"x\n", {"text_column": "body"}, "a .txt corpus holds one text a line and no columns"),
+        ("c.tsv", b"x\n", {}, "cannot read a corpus from c.tsv: use a .txt, .jsonl, .csv, .parquet file"),
+    ],
+)
+def test_unknown_columns_and_formats_are_refused(tmp_path, name, content, options, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(layerfuse.ArgumentValueError, match=message):
+        Corpus(tmp_path / name, **options)
+
+
+def test_a_parquet_text_column_must_hold_text(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "c.parquet")
+    with pytest.raises(layerfuse.ArgumentValueError, match="column 'text' of c.parquet holds int64, not text"):
+        Corpus(tmp_path / "c.parquet")
+
+
+# Embeddings
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "none"])
+def test_bucketed_batches_give_each_text_its_own_fused_embedding_in_input_order(small, pooling):
+    texts = sentences(40)
+    info = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    spec = FusionSpec(layer=1, info=info)
+    with Embedder.load(small, spec, pooling=pooling, batch_size=8) as embedder:
+        table = embedder(pa.table({"row": range(40), "text": texts}))
+    expected = reference_embeddings(small, texts, layer=1, info=info, pooling=pooling)
+    got = table.column("embedding").to_pylist()
+    for row, want in zip(got, expected):
+        numpy.testing.assert_allclose(numpy.array(row, numpy.float32), want, rtol=1e-4, atol=1e-5)
+    assert table.column("row").to_pylist() == list(range(40))
+
+
+def test_per_row_info_goes_to_its_own_row_whatever_the_batch(small):
+    texts = sentences(20, seed=1)
+    info = torch.randn(20, 32, generator=torch.Generator().manual_seed(1))
+    with Embedder.load(small, FusionSpec(layer=2, info=info), batch_size=6) as embedder:
+        table = embedder(pa.table({"row": range(20), "text": texts}))
+    got = numpy.array(table.column("embedding").to_pylist(), numpy.float32)
+    numpy.testing.assert_allclose(got, reference_embeddings(small, texts, layer=2, info=info), rtol=1e-4, atol=1e-5)
+
+
+def test_bucketing_cuts_padding_without_changing_the_embeddings(small):
+    texts = sentences(48, seed=2)
+    table = pa.table({"row": range(48), "text": texts})
+    with Embedder.load(small, batch_size=8) as bucketed, Embedder.load(small, batch_size=8, bucket=False) as naive:
+        numpy.testing.assert_allclose(
+            numpy.array(bucketed(table).column("embedding").to_pylist()),
+            numpy.array(naive(table).column("embedding").to_pylist()),
+            rtol=1e-4, atol=1e-5,
+        )
+
+
+def test_truncation_is_flagged_and_matches_a_truncated_forward(small):
+    texts = ["short", " ".join(["word"] * 40)]
+    with Embedder.load(small, max_length=10) as embedder:
+        table = embedder(pa.table({"row": [0, 1], "text": texts}))
+    assert table.column("truncated").to_pylist() == [False, True]
+    numpy.testing.assert_allclose(
+        numpy.array(table.column("embedding").to_pylist(), numpy.float32),
+        reference_embeddings(small, texts, max_length=10), rtol=1e-4, atol=1e-5,
+    )
+
+
+# Whole runs
+
+
+def write_corpus(path: Path, count: int = 30, seed: int = 0) -> list[str]:
+    """A .jsonl corpus with ids and bad rows 3, 11 and 20 (those below `count`)."""
+    texts = sentences(count, seed)
+    lines = [json.dumps({"id": f"doc{i}", "text": text}).encode() for i, text in enumerate(texts)]
+    bad = {3: b'{"id": "doc3", "text": "  "}', 11: b"{broken", 20: b'{"id": "doc20", "text": "\xff"}'}
+    for row, line in bad.items():
+        if row < count:
+            lines[row] = line
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return texts
+
+
+def test_a_run_writes_good_rows_in_order_and_lists_the_rejects(small, tmp_path):
+    texts = write_corpus(tmp_path / "c.jsonl")
+    info = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    summary = embed_corpus(
+        tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=FusionSpec(layer=1, info=info),
+        id_column="id", include_text=True, batch_size=4, shard_size=8,
+    )
+    assert (summary.rows, summary.written, summary.rejected) == (
+        30, 27, {"empty text": 1, "not JSON": 1, "not UTF-8": 1},
+    )
+    table = pq.read_table(tmp_path / "out.parquet")
+    good = [i for i in range(30) if i not in (3, 11, 20)]
+    assert table.column_names == ["row", "id", "text", "embedding"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert table.column("row").to_pylist() == good
+    assert table.column("id").to_pylist() == [f"doc{i}" for i in good]
+    assert table.column("text").to_pylist() == [texts[i] for i in good]
+    expected = reference_embeddings(small, [texts[i] for i in good], layer=1, info=info)
+    numpy.testing.assert_allclose(read_embeddings(tmp_path / "out.parquet"), expected, rtol=1e-4, atol=1e-5)
+    rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"]) for r in rejects] == [(3, "empty text"), (11, "not JSON"), (20, "not UTF-8")]
+    assert not (tmp_path / "out.parquet.partial").exists()
+
+
+def test_npy_and_safetensors_hold_the_same_embeddings_as_parquet(small, tmp_path):
+    write_corpus(tmp_path / "c.jsonl")
+    for name in ("out.parquet", "out.npy", "out.safetensors"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / name, model=small, shard_size=8, rejects=tmp_path / f"{name}.rej")
+    parquet = read_embeddings(tmp_path / "out.parquet")
+    assert numpy.array_equal(numpy.load(tmp_path / "out.npy"), parquet)
+    tensors = load_file(tmp_path / "out.safetensors")
+    assert numpy.array_equal(tensors["embedding"], parquet)
+    assert tensors["row"].tolist() == pq.read_table(tmp_path / "out.parquet").column("row").to_pylist()
+
+
+def test_per_token_states_are_written_per_row(small, tmp_path):
+    texts = write_corpus(tmp_path / "c.jsonl", count=12)
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, pooling="none")
+    column = pq.read_table(tmp_path / "out.parquet").column("embedding").to_pylist()
+    good = [i for i in range(12) if i not in (3, 11)]
+    for states, want in zip(column, reference_embeddings(small, [texts[i] for i in good], pooling="none")):
+        numpy.testing.assert_allclose(numpy.array(states, numpy.float32), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_fusion_runs_like_the_same_fusion_given_by_options(small, tmp_path):
+    write_corpus(tmp_path / "c.jsonl")
+    info = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    model, _ = layerfuse.load_model(small)
+    with layerfuse.fuse(model, info, layer=1, method="addition", alpha=0.5, positions="tokens") as fusion:
+        fusion.save(tmp_path / "fusion")
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "a.parquet", model=small, fusion=FusionSpec(saved=tmp_path / "fusion"))
+    options = FusionSpec(layer=1, info=info, arguments={"alpha": 0.5}, positions="tokens")
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "b.parquet", model=small, fusion=options)
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+
+
+def test_nan_embeddings_are_rejected_and_reported_not_written(small, tmp_path, capsys):
+    write_corpus(tmp_path / "c.jsonl", count=10)
+    info = torch.zeros(10, 32)
+    info[[2, 7]] = 3e38  # finite info, but the next LayerNorm overflows on these rows
+    torch.save(info, tmp_path / "info.pt")
+    code = main(["run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "out.parquet"), "--model", str(small),
+                 "--layer", "1", "--info", str(tmp_path / "info.pt"), "--alpha", "10"])
+    assert code == 1
+    assert "warning: 2 rows gave NaN or infinite embeddings and were not written" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "out.parquet").column("row").to_pylist() == [0, 1, 4, 5, 6, 8, 9]
+    assert numpy.isfinite(read_embeddings(tmp_path / "out.parquet")).all()
+    rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"]) for r in rejects] == [(2, "non-finite output"), (3, "empty text"), (7, "non-finite output")]
+
+
+def test_an_all_bad_corpus_gives_an_empty_output(small, tmp_path):
+    (tmp_path / "c.txt").write_text("\n  \n")
+    summary = embed_corpus(tmp_path / "c.txt", tmp_path / "out.npy", model=small)
+    assert (summary.rows, summary.written) == (2, 0)
+    assert numpy.load(tmp_path / "out.npy").shape == (0, 32)
+
+
+def test_the_cli_runs_a_csv_and_prints_the_summary(small, tmp_path, capsys):
+    (tmp_path / "c.csv").write_text("key,body\n1,a first text\n2,\n3,a third text\n")
+    code = main(["run", str(tmp_path / "c.csv"), "--output", str(tmp_path / "out.parquet"), "--model", str(small),
+                 "--text-column", "body", "--id-column", "key", "--max-length", "4", "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"wrote 2 of 3 rows to {tmp_path / 'out.parquet'}" in out
+    assert f"rejected 1 row (1 empty text), listed in {tmp_path / 'out.rejects.jsonl'}" in out
+    assert "truncated 2 rows to 4 tokens" in out
+    assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == ["1", "3"]
+
+
+# Bad arguments: refused before any work, nothing written
+
+
+def bad_arguments(tmp_path, small):
+    (tmp_path / "c.txt").write_text("a text\nanother\n")
+    (tmp_path / "exists.parquet").write_bytes(b"")
+    (tmp_path / "busy.parquet.partial").mkdir()
+    torch.save(torch.ones(31), tmp_path / "narrow.pt")
+    torch.save(torch.ones(5, 32), tmp_path / "five_rows.pt")
+    torch.save(torch.ones(2, 4, 32), tmp_path / "per_token.pt")
+    c = str(tmp_path / "c.txt")
+    return [
+        (["missing.txt"], "no input file at missing.txt"),
+        ([c, "-o", "exists.parquet"], "exists.parquet exists: pass --overwrite to replace it"),
+        ([c, "-o", "busy.parquet"], "busy.parquet.partial holds an interrupted run: carry on with --resume"),
+        ([c, "-o", "x.csv"], "cannot write x.csv: name the output .parquet, .npy or .safetensors"),
+        ([c, "-o", "x.npy", "--pooling", "none"], "per-token states .* write them to .parquet, not .npy"),
+        ([c, "--layer", "1", "--info", "narrow.pt"], r"info must have shape .* with D = 32, got \(31,\)"),
+        ([c, "--layer", "1", "--info", "five_rows.pt"], "the info has 5 rows but c.txt has 2: give one info row"),
+        ([c, "--layer", "1", "--info", "per_token.pt"], r"per-token info \(2, 4, 32\) depends on how a batch is padded"),
+        ([c, "--layer", "1"], "method 'addition' combines info into the layer, and none was given"),
+        ([c, "--layer", "9", "--method", "scale", "--alpha", "2"], "layer 9 is out of range for a 2-block model"),
+        ([c, "--info", "narrow.pt"], r"fusion options \(info\) need --layer or --fusion"),
+        ([c, "--fusion", "nowhere"], "nowhere is not a saved fusion"),
+        ([c, "--max-length", "100"], "max length must be from 3 to this model's 64 tokens, got 100"),
+        ([c, "--batch-size", "0"], "batch size must be a positive int, got 0"),
+        ([c, "--shard-size", "0"], "shard size must be a positive int, got 0"),
+        ([c, "--workers", "2"], "a Ray address and workers are for the ray engine"),
+        ([c, "--engine", "ray", "-o", "x.npy"], "the ray engine writes a folder of Parquet files, not .npy"),
+    ]
+
+
+def test_bad_arguments_fail_before_any_work_with_a_clear_message(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for arguments, message in bad_arguments(tmp_path, small):
+        before = sorted(os.listdir(tmp_path))
+        if "-o" not in arguments:
+            arguments = [*arguments, "-o", "out.parquet"]
+        assert main(["run", *arguments, "--model", str(small)]) == 2, arguments
+        error = capsys.readouterr().err
+        assert error.startswith("layerfuse run: error: ") and re.search(message, error), error
+        assert sorted(os.listdir(tmp_path)) == before, arguments
+
+
+def test_a_saved_fusion_at_token_indices_is_refused(small, tmp_path):
+    model, _ = layerfuse.load_model(small)
+    with layerfuse.fuse(model, torch.ones(32), layer=1, positions=[0, -1]) as fusion:
+        fusion.save(tmp_path / "fusion")
+    (tmp_path / "c.txt").write_text("a text\n")
+    with pytest.raises(layerfuse.ArgumentValueError, match="fuses at token indices or a mask, which depend on"):
+        embed_corpus(tmp_path / "c.txt", tmp_path / "out.parquet", model=small, fusion=FusionSpec(saved=tmp_path / "fusion"))
+
+
+# Kill and resume
+
+
+def run_command(small, tmp_path, output, *extra):
+    return [sys.executable, "-m", "layerfuse", "run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / output),
+            "--model", str(small), "--id-column", "id", "--batch-size", "4", "--shard-size", "16", *extra]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run, on a busy machine too
+
+
+def test_a_job_killed_mid_run_resumes_to_exactly_the_uninterrupted_output(small, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", count=1000, seed=5)
+    partial = tmp_path / "killed.parquet.partial"
+    job = subprocess.Popen(run_command(small, tmp_path, "killed.parquet"), stdout=subprocess.DEVNULL, env=ONE_THREAD)
+    try:
+        while job.poll() is None and not (
+            (partial / "manifest.json").is_file() and json.loads((partial / "manifest.json").read_text())["shards"]
+        ):
+            time.sleep(0.005)
+        assert job.poll() is None, "the job finished before it could be killed"
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    finally:
+        job.kill()
+    done = json.loads((partial / "manifest.json").read_text())["shards"]
+    assert 1 <= len(done) < 63 and not (tmp_path / "killed.parquet").exists()
+
+    resumed = subprocess.run(
+        run_command(small, tmp_path, "killed.parquet", "--resume"), capture_output=True, text=True, env=ONE_THREAD
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after row {16 * len(done)}" in resumed.stdout
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "whole.parquet", model=small, id_column="id", batch_size=4, shard_size=16)
+    finally:
+        torch.set_num_threads(threads)
+
+    table = pq.read_table(tmp_path / "killed.parquet")
+    assert table.num_rows == 997 and table.equals(pq.read_table(tmp_path / "whole.parquet"))
+    assert (tmp_path / "killed.rejects.jsonl").read_text() == (tmp_path / "whole.rejects.jsonl").read_text()
+    assert not partial.exists()
+
+
+def test_resuming_with_other_settings_is_refused(small, tmp_path):
+    write_corpus(tmp_path / "c.jsonl")
+    ShardStore(tmp_path / "out.parquet.partial", {"batch_size": 99})
+    with pytest.raises(layerfuse.ArgumentValueError, match=r"cannot resume the run in .*: it was made with other settings"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, resume=True)
