@@ -1,67 +1,40 @@
-"""Time the plain forward against fused forwards (hook and custom layer) on the embedded MiniLM BERT.
+"""The README's fusion figures: `layerfuse bench` on the embedded MiniLM BERT, saved under docs/.
 
-Runs are interleaved round by round, so drift in the machine's speed falls on every variant alike;
-the table gives medians, interquartile ranges and each fused median over the plain median.
+Runs the default grid (plain vs hook vs custom layer at 1x8, 8x64, 32x128 and 16x512 tokens, 1 and 2
+threads; every fixed method at 1x8; peak memory in fresh processes), prints the Markdown tables and
+writes docs/bench.json and docs/bench.png. About 4 minutes on 2 cores; --compile adds the compiled
+forwards (about a minute more).
 
-    python benchmarks/bench_fusion.py            # the full grid, about two minutes on 2 cores
-    python benchmarks/bench_fusion.py --quick    # a smoke run
+    python benchmarks/bench_fusion.py
+    python benchmarks/bench_fusion.py --compile
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-from contextlib import nullcontext
+import json
+import sys
+from pathlib import Path
 
-import torch
 import transformers
 
-import layerfuse
-from layerfuse.timing import Summary, time_interleaved
+from layerfuse.bench import bench, plot
 
-SHAPES = ((1, 8, 300), (32, 128, 15))  # batch, tokens, timed rounds
-THREADS = (1, 2)
-APPROACHES = ("hook", "layer")
-
-
-def bench(model, batch_size: int, tokens: int, repeats: int, layer: int, method: str) -> dict[str, Summary]:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (batch_size, tokens), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    info = torch.randn(model.config.hidden_size, generator=generator)
-    variants = {"plain": nullcontext} | {
-        a: (lambda a=a: layerfuse.fuse(model, info, layer=layer, method=method, approach=a)) for a in APPROACHES
-    }
-    with torch.inference_mode():
-        times = time_interleaved(lambda: model(**batch), variants, repeats=repeats, warmup=3)
-    return {name: Summary.of(seconds) for name, seconds in times.items()}
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tenth of the rounds, for a smoke run")
-    parser.add_argument("--layer", type=int, default=3, help="layer to fuse (default: 3 of 6)")
-    parser.add_argument("--method", default="addition", help="integration method (default: addition)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
+    parser.add_argument("--output", type=Path, default=DOCS, help="folder for bench.json and bench.png (default: docs/)")
     args = parser.parse_args()
 
     transformers.utils.logging.disable_progress_bar()
-    model, _ = layerfuse.load_model()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}")
-    print(f"embedded MiniLM BERT, {args.method} at layer {args.layer}, float32, CPU\n")
-    print("| batch x tokens | threads | plain median (IQR) | hook / plain | layer / plain |")
-    print("|---|---|---|---|---|")
-    for threads in THREADS:
-        torch.set_num_threads(threads)
-        for batch_size, tokens, repeats in SHAPES:
-            repeats = max(3, repeats // 10) if args.quick else repeats
-            result = bench(model, batch_size, tokens, repeats, args.layer, args.method)
-            plain = result["plain"]
-            ratios = " | ".join(f"{result[a].median / plain.median:.3f}x" for a in APPROACHES)
-            print(
-                f"| {batch_size} x {tokens} | {threads} | {plain.median * 1e3:.2f} ms "
-                f"({plain.q1 * 1e3:.2f}-{plain.q3 * 1e3:.2f}) | {ratios} |",
-                flush=True,
-            )
+    report = bench(compiled=args.compile, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "bench.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    plot(report, args.output / "bench.png")
+    print(report.table())
 
 
 if __name__ == "__main__":

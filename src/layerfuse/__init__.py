@@ -42,6 +42,7 @@ from .methods import (
 )
 from .models import load_model
 from .saving import load_fusion
+from .sweep import sweep
 from .training import train
 
 __all__ = [
@@ -80,5 +81,6 @@ __all__ = [
     "load_fusion",
     "load_model",
     "register_method",
+    "sweep",
     "train",
 ]

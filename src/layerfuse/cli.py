@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
+from .bench import SHAPES, THREADS, bench, plot, require_matplotlib
 from .compare import DEFAULT_TEXTS, compare
 from .errors import LayerfuseError
 from .info import read_info
@@ -25,6 +26,7 @@ from .positions import NAMED, PositionsLike
 from .run import ENGINES, POOLINGS, embed_corpus
 from .run.spec import fusion_spec
 from .sites import find_blocks, site_table
+from .sweep import sweep_report, write_outputs
 
 
 def positions_argument(text: str) -> PositionsLike:
@@ -37,6 +39,28 @@ def positions_argument(text: str) -> PositionsLike:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not one of {', '.join(NAMED)} nor comma-separated token indices"
         ) from None
+
+
+def shapes_argument(text: str) -> tuple[tuple[int, int], ...]:
+    """Comma-separated batch x tokens shapes such as `1x8,8x64`."""
+    try:
+        shapes = tuple((int(b), int(t)) for b, t in (part.lower().split("x") for part in text.split(",")))
+    except ValueError:
+        shapes = ()
+    if not shapes or min(min(shape) for shape in shapes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated BATCHxTOKENS shapes such as 1x8,8x64")
+    return shapes
+
+
+def counts_argument(text: str) -> tuple[int, ...]:
+    """Comma-separated positive ints such as `1,2`."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated positive ints such as 1,2")
+    return counts
 
 
 def methods_table() -> str:
@@ -156,6 +180,61 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers", type=int, metavar="N", help="Ray actors, one CPU each (default: every CPU of the cluster)"
     )
+    bnc = commands.add_parser(
+        "bench",
+        help="time plain against fused forwards over a grid of shapes and threads; peak memory; a plot",
+        description="Time the plain forward, the hook and the custom layer, interleaved after warm-up rounds, "
+        "at every batch x tokens shape and thread count; every fixed method end to end at the smallest shape "
+        "and alone at every shape; the peak memory of one forward per variant in fresh processes. Prints "
+        "medians, interquartile ranges and ratios to the plain forward. The default grid takes about 4 "
+        "minutes on 2 cores.",
+    )
+    bnc.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
+    bnc.add_argument("--layer", type=int, default=None, help="hidden_states index to fuse at (default: the middle block)")
+    bnc.add_argument("--method", default="addition", help="the grid's fixed method (default: addition)")
+    bnc.add_argument(
+        "--shapes", type=shapes_argument, default=SHAPES, metavar="BxT,...",
+        help="batch x tokens shapes (default: %s)" % ",".join(f"{b}x{t}" for b, t in SHAPES),
+    )
+    bnc.add_argument(
+        "--threads", type=counts_argument, default=THREADS, metavar="N,...",
+        help="CPU thread counts (default: %s)" % ",".join(map(str, THREADS)),
+    )
+    bnc.add_argument("--rounds", type=int, help="timed rounds at every shape (default: by shape, 60 down to 5)")
+    bnc.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bnc.add_argument(
+        "--compile", action="store_true",
+        help="also time torch.compile(fullgraph=True) plain against fused forwards (adds about a minute of compiling)",
+    )
+    bnc.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    bnc.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    bnc.add_argument("--plot", metavar="PNG", help="write a plot of the ratios to this PNG (needs layerfuse[bench])")
+    bnc.add_argument("--json", action="store_true", help="print only JSON on stdout (progress goes to stderr)")
+    swp = commands.add_parser(
+        "sweep",
+        help="the output for each of K infos fused at one layer, running the layers before it once",
+        description="Fuse each of the K infos in FILE (a (K, ...) tensor) at --layer, on one padded batch of "
+        "texts, running the embeddings and the blocks up to --layer once and the rest once per info, "
+        "batched over infos. Prints how much each info changed the output; --output saves the outputs "
+        "(K, B, T, H).",
+    )
+    swp.add_argument("--infos", required=True, metavar="FILE", help="infos (K, ...) in a .npy, .pt or .safetensors file")
+    swp.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
+    swp.add_argument("--layer", type=int, default=None, help="hidden_states index to fuse at (default: the middle block)")
+    swp.add_argument("--method", default="addition", help="integration method (see 'layerfuse methods'; default: addition)")
+    swp.add_argument("--alpha", type=float, help="the method's alpha (addition, interpolate)")
+    swp.add_argument("--value", type=float, help="the method's value (clamp)")
+    swp.add_argument(
+        "--positions", type=positions_argument, default="all",
+        help="all (default), tokens, first, last, or comma-separated token indices such as 0,-1",
+    )
+    swp.add_argument(
+        "--text", action="append", dest="texts", metavar="TEXT",
+        help="a text of the batch; repeat for more (default: %d texts of different lengths)" % len(DEFAULT_TEXTS),
+    )
+    swp.add_argument("--chunk-size", type=int, help="infos per pass (default: as many as fit in 2048 tokens on a CPU)")
+    swp.add_argument("--output", "-o", metavar="FILE", help="save the outputs (K, B, T, H) to a .pt, .npy or .safetensors file")
+    swp.add_argument("--json", action="store_true", help="print only JSON on stdout")
     return parser
 
 
@@ -239,7 +318,47 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if summary.nonfinite else 0
 
 
-COMMANDS = {"methods": _methods, "inspect": _inspect, "compare": _compare, "run": _run}
+def _bench(args: argparse.Namespace) -> int:
+    if args.plot:
+        require_matplotlib()
+    report = bench(
+        args.model,
+        layer=args.layer,
+        method=args.method,
+        shapes=args.shapes,
+        threads=args.threads,
+        rounds=args.rounds,
+        memory=not args.no_memory,
+        compiled=args.compile,
+        device=args.device,
+        dtype=args.dtype,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+    report, outputs = sweep_report(
+        args.model,
+        read_info(args.infos),
+        layer=args.layer,
+        method=args.method,
+        positions=args.positions,
+        texts=args.texts or DEFAULT_TEXTS,
+        chunk_size=args.chunk_size,
+        **method_arguments,
+    )
+    if args.output:
+        write_outputs(args.output, outputs)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0
+
+
+COMMANDS = {"methods": _methods, "inspect": _inspect, "compare": _compare, "run": _run, "bench": _bench, "sweep": _sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,15 +27,37 @@ def time_interleaved(
     Every round runs each variant once, starting one further along each time, so that drift in the
     machine's speed falls on all variants alike. Entering and leaving the context is not timed.
     """
-    names = list(variants)
+
+    def timed(name: str) -> float:
+        with variants[name]():
+            start = time.perf_counter()
+            run()
+            return time.perf_counter() - start
+
+    return _rounds(list(variants), timed, repeats, warmup)
+
+
+def time_calls(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each of `calls`, interleaved round by round as `time_interleaved` runs its variants.
+
+    >>> sorted(time_calls({"a": lambda: None, "b": lambda: None}, repeats=2))
+    ['a', 'b']
+    """
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        calls[name]()
+        return time.perf_counter() - start
+
+    return _rounds(list(calls), timed, repeats, warmup)
+
+
+def _rounds(names: list[str], timed: Callable[[str], float], repeats: int, warmup: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            with variants[name]():
-                start = time.perf_counter()
-                run()
-                elapsed = time.perf_counter() - start
+            elapsed = timed(name)
             if round_ >= warmup:
                 times[name].append(elapsed)
     return times
@@ -55,3 +77,11 @@ class Summary:
             return cls(seconds[0], seconds[0], seconds[0])
         q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
         return cls(median, q1, q3)
+
+    def scaled(self, factor: float) -> Summary:
+        """The same summary with every value multiplied by `factor` (e.g. 1 / a reference median)."""
+        return Summary(self.median * factor, self.q1 * factor, self.q3 * factor)
+
+    def to_dict(self) -> dict[str, float]:
+        """Median and quartiles, in the summary's unit."""
+        return {"median": self.median, "q1": self.q1, "q3": self.q3}

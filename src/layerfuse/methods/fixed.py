@@ -34,8 +34,9 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
 
 
 def component(hidden: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """(h · v̂), kept as a trailing dimension of size 1."""
-    return torch.linalg.vecdot(hidden, direction).unsqueeze(-1)
+    """(h · v̂), kept as a trailing dimension of size 1, with no hidden-sized temporary."""
+    dot = hidden @ direction if direction.ndim == 1 else torch.einsum("...h,...h->...", hidden, direction)
+    return dot.unsqueeze(-1)
 
 
 @register_method("addition", aliases=("add",))
@@ -141,7 +142,7 @@ class Ablate(Method):
         return unit(info)
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-        return hidden - component(hidden, info) * info
+        return torch.addcmul(hidden, component(hidden, info), info, value=-1)
 
 
 @register_method("clamp")
@@ -165,7 +166,7 @@ class Clamp(Method):
         return unit(info)
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-        return hidden + (self.value - component(hidden, info)) * info
+        return torch.addcmul(hidden, self.value - component(hidden, info), info)
 
 
 @register_method("project")

@@ -1,0 +1,138 @@
+"""`layerfuse bench`: the grid it runs, its report, JSON and plot, and the memory probe. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import layerfuse
+from layerfuse.bench import FIXED_METHODS, Cost, Point, Report, bench, environment, measure_memory, plot, rounds_for
+from layerfuse.cli import main
+from layerfuse.timing import Summary
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_point(point: Point, rounds: int) -> None:
+    assert sorted(point.timings) == ["hook", "layer", "plain"]
+    assert point.rounds == rounds
+    for summary in point.timings.values():
+        assert 0 < summary.q1 <= summary.median <= summary.q3
+    assert point.ratio("plain").median == pytest.approx(1.0)
+
+
+def test_grid_every_method_and_costs():
+    report = bench(
+        shapes=((1, 4), (2, 8)), method_shapes=((1, 4),), threads=(1,), methods=("addition", "ablate", "scale"),
+        rounds=2, memory=False,
+    )
+    assert [(p.batch, p.tokens, p.threads, p.method) for p in report.points] == [
+        (1, 4, 1, "addition"), (1, 4, 1, "ablate"), (1, 4, 1, "scale"), (2, 8, 1, "addition"),
+    ]
+    for point in report.points:
+        check_point(point, rounds=2)
+    assert [(c.method, c.batch, c.tokens) for c in report.costs] == [
+        (m, b, t) for b, t in ((1, 4), (2, 8)) for m in ("addition", "ablate", "scale")
+    ]
+    assert all(c.share == c.seconds.median / c.plain > 0 for c in report.costs)
+    assert report.max_ratio() == max(p.ratio(a).median for p in report.points for a in ("hook", "layer"))
+    assert report.layer == 3 and report.memory is None and report.compiled == []
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["max_ratio"] == report.max_ratio() and data["target_ratio"] == 1.02
+    assert data["points"][1]["method"] == "ablate"
+    assert set(data["points"][0]["ratio_to_plain"]) == {"hook", "layer"}
+    table = report.table()
+    assert table.count("| 1 x 4 | 1 |") == 3 and "| ablate | 1 |" in table and "Largest fused / plain" in table
+
+
+def test_compiled_forwards():
+    report = bench(
+        shapes=((1, 4),), threads=(1,), methods=(), rounds=1, memory=False, compiled=True, compile_shapes=((1, 4),),
+        compile_backend="eager",
+    )
+    assert len(report.compiled) == 1
+    check_point(report.compiled[0], rounds=rounds_for(1, 4))
+    assert sorted(report.compile_seconds) == ["hook 1x4", "layer 1x4", "plain 1x4"]
+    assert "torch.compile" in report.table()
+
+
+def test_memory_is_measured_in_fresh_processes():
+    memory = measure_memory(
+        None, method="ablate", layer=3, batch=4, tokens=32, threads=1, device="cpu", dtype="float32", hidden_size=384
+    )
+    assert memory.hidden == 4 * 32 * 384 * 4
+    assert sorted(memory.peak) == sorted(memory.allocated) == ["hook", "layer", "plain"]
+    assert memory.peak["plain"] >= memory.hidden  # the forward's output alone is one hidden-sized tensor
+    for approach in ("hook", "layer"):
+        # The fusion adds one hidden-sized tensor and the (B, T, 1) component, and no peak.
+        assert memory.extra_allocated(approach) == memory.hidden + 4 * 32 * 4
+        assert memory.extra(approach) == 0
+    assert json.loads(json.dumps(memory.to_dict()))["extra_allocated_bytes"]["hook"] == memory.hidden + 512
+
+
+def synthetic_report(compiled: bool) -> Report:
+    def point(batch: int, tokens: int, threads: int, fused: float) -> Point:
+        spread = {"plain": 0.1, "hook": 0.1, "layer": 0.05}
+        medians = {"plain": 1.0, "hook": fused, "layer": fused}
+        timings = {name: Summary(medians[name], medians[name] - spread[name], medians[name] + spread[name]) for name in medians}
+        return Point(batch, tokens, threads, "addition", 5, timings)
+
+    points = [point(b, t, n, 1.01) for n in (1, 2) for b, t in ((1, 8), (8, 64))]
+    cost = Cost("addition", 1, 8, 1, Summary(1e-5, 1e-5, 1e-5), 1e-2)
+    return Report(
+        model="m", layer=3, method="addition", device="cpu", dtype="float32", environment=environment(torch.device("cpu")),
+        points=points, costs=[cost], compiled=[point(1, 8, 2, 0.99)] if compiled else [],
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_plot_writes_a_png(tmp_path, compiled):
+    path = plot(synthetic_report(compiled), tmp_path / "bench.png")
+    assert path.read_bytes().startswith(PNG) and path.stat().st_size > 10_000
+
+
+def test_rounds_fit_the_default_grid():
+    assert [rounds_for(b, t) for b, t in ((1, 8), (8, 64), (32, 128), (16, 512))] == [60, 30, 8, 5]
+    assert "clamp" in FIXED_METHODS and "film" not in FIXED_METHODS
+
+
+def test_cli_json_and_plot(tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    code = main(["bench", "--shapes", "1x4", "--threads", "1", "--rounds", "1", "--no-memory", "--json", "--plot", str(png)])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(p["batch"], p["tokens"], p["method"]) for p in data["points"]] == [(1, 4, "addition")]
+    assert {c["method"] for c in data["fusion_costs"]} == set(FIXED_METHODS)
+    assert png.read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--dtype", "float8"], "unknown dtype"),
+        (["--method", "film"], "must be trained first"),
+        (["--method", "nope"], "unknown method"),
+        (["--rounds", "0"], "rounds must be a positive int"),
+    ],
+)
+def test_cli_bad_input(capsys, arguments, message):
+    assert main(["bench", "--no-memory", *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shapes", ["2", "1x0", "axb", ""])
+def test_cli_bad_shapes(capsys, shapes):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--shapes", shapes])
+    assert exit_.value.code == 2
+    assert "BATCHxTOKENS" in capsys.readouterr().err
+
+
+def test_library_bad_input():
+    with pytest.raises(layerfuse.ArgumentValueError, match="threads"):
+        bench(threads=(0,))
+    with pytest.raises(layerfuse.ArgumentValueError, match="shapes"):
+        bench(shapes=((1, 0),))
