@@ -171,7 +171,9 @@ def test_a_thousand_cycles_with_exceptions_leave_no_hook_no_class_change_and_no_
     assert_unchanged(model, before)
     assert all(ref() is None for ref in fusions), "fusions are kept alive after their with-block"
     assert live_objects() == objects
-    assert sum(stat.size_diff for stat in growth) < 8 * 900, [str(stat) for stat in growth[:3]]  # < 8 bytes a cycle
+    # One object kept per cycle would be at least 56 bytes a cycle (50 KB); a one-time allocation of a
+    # few KB (a dict growing) is not a leak.
+    assert sum(stat.size_diff for stat in growth) < 24 * 900, [str(stat) for stat in growth[:3]]
 
 
 @pytest.mark.parametrize("approach", ["hook", "layer"])
