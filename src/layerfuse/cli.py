@@ -255,6 +255,11 @@ def inspect_report(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+def _method_arguments(args: argparse.Namespace) -> dict[str, float]:
+    """The method arguments given on the command line (--alpha, --value)."""
+    return {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+
+
 def _inspect(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model)
     print(inspect_report(model))
@@ -267,7 +272,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+    method_arguments = _method_arguments(args)
     result = compare(
         args.model,
         layer=args.layer,
@@ -284,7 +289,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+    method_arguments = _method_arguments(args)
     fusion = fusion_spec(
         layer=args.layer,
         saved=args.fusion,
@@ -341,7 +346,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    method_arguments = {key: getattr(args, key) for key in ("alpha", "value") if getattr(args, key) is not None}
+    method_arguments = _method_arguments(args)
     report, outputs = sweep_report(
         args.model,
         read_info(args.infos),
