@@ -2,8 +2,9 @@
 
 For each batch × tokens shape and thread count, the plain forward, the hook and the custom layer run
 interleaved round by round, after warm-up rounds; the report gives medians, interquartile ranges and
-each fused median over the plain one. Every fixed method also runs end to end at the smallest shape,
-and alone (its `Fusion.apply` on a hidden state of each shape), as a share of the plain forward.
+each fused forward's time over the plain one's in the same round. Every fixed method also runs end to
+end at the smallest shape, and alone (its `Fusion.apply` on a hidden state of each shape), as a share
+of the plain forward.
 Also the tensor memory of one forward per variant (its peak and its total), each in a fresh process;
 optionally `torch.compile`d plain against compiled fused forwards.
 
@@ -38,7 +39,7 @@ from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .sites import find_blocks, resolve_site
-from .timing import Summary, time_calls, time_interleaved
+from .timing import Summary, paired_ratios, time_calls, time_interleaved
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
 THREADS = (1, 2)
@@ -46,30 +47,43 @@ APPROACHES = ("hook", "layer")
 FIXED_METHODS = tuple(name for name, cls in METHODS.items() if not cls.learned)
 METHOD_ARGUMENTS: dict[str, dict[str, float]] = {"scale": {"alpha": 0.5}, "clamp": {"value": 1.0}}
 TARGET = 1.02
-ROUNDS = ((64, 60), (1024, 30), (4096, 8))
-"""Timed rounds by batch tokens (B·T up to the first number), 5 beyond: the default grid fits in 5 minutes on 2 cores."""
+ROUNDS = ((64, 80), (1024, 48), (4096, 8))
+"""Timed forwards per variant by batch tokens (B·T up to the first number), 7 beyond: the default grid fits in 5
+minutes on 2 cores."""
+SHORT = 0.1
+"""Where a plain forward takes less (seconds), each variant runs `SHORT_CALLS` timed forwards per round after one
+untimed forward, instead of one timed forward."""
+SHORT_CALLS = 4
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def rounds_for(batch: int, tokens: int) -> int:
-    """Timed rounds at a shape: many where a forward takes milliseconds, few where it takes seconds."""
-    return next((rounds for limit, rounds in ROUNDS if batch * tokens <= limit), 5)
+    """Timed forwards per variant at a shape: many where a forward takes milliseconds, few where it takes seconds."""
+    return next((rounds for limit, rounds in ROUNDS if batch * tokens <= limit), 7)
 
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point: median times of the plain forward and of each fused forward."""
+    """One grid point: the seconds of the plain forward and of each fused forward, round by round."""
 
     batch: int
     tokens: int
     threads: int
     method: str
-    rounds: int
-    timings: dict[str, Summary]
+    seconds: dict[str, list[float]]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.seconds["plain"])
+
+    @property
+    def timings(self) -> dict[str, Summary]:
+        """Median and quartiles of each variant's seconds."""
+        return {name: Summary.of(seconds) for name, seconds in self.seconds.items()}
 
     def ratio(self, variant: str) -> Summary:
-        """`variant`'s median and quartiles over the plain median."""
-        return self.timings[variant].scaled(1 / self.timings["plain"].median)
+        """`variant`'s seconds over the plain forward's in the same round: median and quartiles."""
+        return paired_ratios(self.seconds, "plain")[variant]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,7 +93,8 @@ class Point:
             "method": self.method,
             "rounds": self.rounds,
             "seconds": {name: summary.to_dict() for name, summary in self.timings.items()},
-            "ratio_to_plain": {name: self.ratio(name).to_dict() for name in self.timings if name != "plain"},
+            "ratio_to_plain": {name: self.ratio(name).to_dict() for name in self.seconds if name != "plain"},
+            "seconds_by_round": self.seconds,
         }
 
 
@@ -161,7 +176,7 @@ class Report:
     seconds: float = 0.0
 
     def max_ratio(self) -> float:
-        """The largest fused median over plain median, over every eager grid point and approach."""
+        """The largest median ratio of fused to plain, over every eager grid point and approach."""
         return max(point.ratio(a).median for point in self.points for a in APPROACHES)
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +206,7 @@ class Report:
             f"torch {env['torch']}, transformers {env['transformers']}, {env['machine']}, "
             f"{env['cpus']} CPUs; {self.seconds:.0f} s in all",
             "",
-            "| batch x tokens | threads | method | rounds | plain median (IQR) | hook / plain (IQR) | layer / plain (IQR) |",
+            "| batch x tokens | threads | method | timed | plain median (IQR) | hook / plain (IQR) | layer / plain (IQR) |",
             "|---|---|---|---|---|---|---|",
         ]
         lines += [_point_row(point) for point in self.points]
@@ -236,7 +251,7 @@ class Report:
                 "",
                 "torch.compile(model, fullgraph=True), compiled plain against compiled fused forwards:",
                 "",
-                "| batch x tokens | threads | method | rounds | compiled plain median (IQR) "
+                "| batch x tokens | threads | method | timed | compiled plain median (IQR) "
                 "| hook / plain (IQR) | layer / plain (IQR) |",
                 "|---|---|---|---|---|---|---|",
             ]
@@ -326,7 +341,12 @@ def _fusion(model: nn.Module, method: str, layer: int, approach: str) -> Fusion:
 
 
 def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: str, layer: int, rounds: int) -> Point:
-    """Time the plain forward, the hook and the custom layer at one grid point, interleaved."""
+    """Time `rounds` forwards of the plain model, the hook and the custom layer at one grid point, interleaved.
+
+    Each round attaches each variant's fusion afresh. Where a forward is `SHORT`, the round runs one
+    untimed forward and then `SHORT_CALLS` timed ones per variant: the steady state of a user's loop
+    of forwards, which does not pay for the attaching.
+    """
     inputs = _batch(model, batch, tokens)
     sync = _synchronizer(next(model.parameters()).device)
 
@@ -336,9 +356,14 @@ def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: 
 
     variants = {"plain": nullcontext} | {a: functools.partial(_fusion, model, method, layer, a) for a in APPROACHES}
     with torch.inference_mode():
-        times = time_interleaved(run, variants, repeats=rounds, warmup=max(1, rounds // 10))
-    timings = {name: Summary.of(seconds) for name, seconds in times.items()}
-    return Point(batch, tokens, threads, method, rounds, timings)
+        start = time.perf_counter()
+        run()
+        short = time.perf_counter() - start < SHORT
+        settle, calls = (1, min(SHORT_CALLS, rounds)) if short else (0, 1)
+        times = time_interleaved(
+            run, variants, repeats=-(-rounds // calls), warmup=max(1, rounds // calls // 10), settle=settle, calls=calls
+        )
+    return Point(batch, tokens, threads, method, {name: seconds[:rounds] for name, seconds in times.items()})
 
 
 def time_cost(model: nn.Module, method: str, layer: int, batch: int, tokens: int, plain: Point) -> Cost:
@@ -459,8 +484,7 @@ def time_compiled(
                 calls = {name: functools.partial(_call, network, inputs, sync) for name, network in compiled.items()}
                 rounds = rounds_for(batch, tokens)
                 times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))
-                timings = {name: Summary.of(seconds) for name, seconds in times.items()}
-                points.append(Point(batch, tokens, threads, method, rounds, timings))
+                points.append(Point(batch, tokens, threads, method, times))
     finally:
         for fusion in fusions:
             fusion.remove()

@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=counts_argument, default=THREADS, metavar="N,...",
         help="CPU thread counts (default: %s)" % ",".join(map(str, THREADS)),
     )
-    bnc.add_argument("--rounds", type=int, help="timed rounds at every shape (default: by shape, 60 down to 5)")
+    bnc.add_argument("--rounds", type=int, help="timed forwards per variant at every shape (default: by shape, 80 down to 7)")
     bnc.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bnc.add_argument(
         "--compile", action="store_true",

@@ -133,6 +133,7 @@ def compare(
             forward,
             {"plain": nullcontext, **{a: (lambda a=a: fused(a)) for a in APPROACH_NAMES}},
             repeats=repeats,
+            settle=1,
         )
     return Comparison(
         model=DEFAULT_MODEL if model is None else str(model),

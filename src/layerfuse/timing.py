@@ -21,18 +21,27 @@ def time_interleaved(
     *,
     repeats: int,
     warmup: int = 1,
+    settle: int = 0,
+    calls: int = 1,
 ) -> dict[str, list[float]]:
-    """Seconds of `run()` inside each variant's context, `repeats` rounds after `warmup` rounds.
+    """Seconds of `run()` inside each variant's context: `calls` per round, `repeats` rounds after `warmup`.
 
-    Every round runs each variant once, starting one further along each time, so that drift in the
-    machine's speed falls on all variants alike. Entering and leaving the context is not timed.
+    Every round enters each variant's context once, starting one further along each time, so that
+    drift in the machine's speed falls on all variants alike. Entering and leaving the context is
+    not timed, nor are the `settle` calls run in it before the timed ones: the first call after
+    entering a context can pay for waking threads and refilling caches, which a loop of calls does not.
     """
 
-    def timed(name: str) -> float:
+    def timed(name: str) -> list[float]:
         with variants[name]():
-            start = time.perf_counter()
-            run()
-            return time.perf_counter() - start
+            for _ in range(settle):
+                run()
+            seconds = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                run()
+                seconds.append(time.perf_counter() - start)
+            return seconds
 
     return _rounds(list(variants), timed, repeats, warmup)
 
@@ -44,23 +53,37 @@ def time_calls(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmu
     ['a', 'b']
     """
 
-    def timed(name: str) -> float:
+    def timed(name: str) -> list[float]:
         start = time.perf_counter()
         calls[name]()
-        return time.perf_counter() - start
+        return [time.perf_counter() - start]
 
     return _rounds(list(calls), timed, repeats, warmup)
 
 
-def _rounds(names: list[str], timed: Callable[[str], float], repeats: int, warmup: int) -> dict[str, list[float]]:
+def _rounds(names: list[str], timed: Callable[[str], list[float]], repeats: int, warmup: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            elapsed = timed(name)
+            seconds = timed(name)
             if round_ >= warmup:
-                times[name].append(elapsed)
+                times[name] += seconds
     return times
+
+
+def paired_ratios(times: Mapping[str, list[float]], reference: str) -> dict[str, Summary]:
+    """Each variant's seconds over `reference`'s in the same round, summarised over the rounds.
+
+    Pairing by round cancels drift that a ratio of medians keeps.
+
+    >>> paired_ratios({"plain": [1.0, 2.0], "fused": [1.1, 2.2]}, "plain")["fused"].median
+    1.1
+    """
+    return {
+        name: Summary.of([spent / base for spent, base in zip(seconds, times[reference], strict=True)])
+        for name, seconds in times.items()
+    }
 
 
 @dataclass(frozen=True)
