@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Time the plain forward, the hook and the custom layer, interleaved after warm-up rounds, "
         "at every batch x tokens shape and thread count; every fixed method end to end at the smallest shape "
         "and alone at every shape; the peak memory of one forward per variant in fresh processes. Prints "
-        "medians, interquartile ranges and ratios to the plain forward. The default grid takes about 4 "
+        "medians, interquartile ranges and ratios to the plain forward. The default grid takes about 4.5 "
         "minutes on 2 cores.",
     )
     bnc.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
