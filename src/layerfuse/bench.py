@@ -356,6 +356,7 @@ def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: 
 
     variants = {"plain": nullcontext} | {a: functools.partial(_fusion, model, method, layer, a) for a in APPROACHES}
     with torch.inference_mode():
+        run()  # a shape's first forward can pay for setting it up
         start = time.perf_counter()
         run()
         short = time.perf_counter() - start < SHORT
