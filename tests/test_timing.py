@@ -55,4 +55,3 @@ def test_paired_ratios_cancel_drift():
 def test_summary_quartiles():
     assert Summary.of([3.0, 1.0, 2.0, 5.0, 4.0]) == Summary(3.0, 2.0, 4.0)
     assert Summary.of([7.0]) == Summary(7.0, 7.0, 7.0)
-    assert Summary(2.0, 1.0, 3.0).scaled(0.5) == Summary(1.0, 0.5, 1.5)

@@ -101,10 +101,6 @@ class Summary:
         q1, median, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
         return cls(median, q1, q3)
 
-    def scaled(self, factor: float) -> Summary:
-        """The same summary with every value multiplied by `factor` (e.g. 1 / a reference median)."""
-        return Summary(self.median * factor, self.q1 * factor, self.q3 * factor)
-
     def to_dict(self) -> dict[str, float]:
         """Median and quartiles, in the summary's unit."""
         return {"median": self.median, "q1": self.q1, "q3": self.q3}
