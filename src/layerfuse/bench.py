@@ -1,8 +1,9 @@
 """`bench`: the cost of a fused forward against the plain one, over a grid of shapes and thread counts.
 
 For each batch × tokens shape and thread count, the plain forward, the hook and the custom layer run
-interleaved round by round, after warm-up rounds; the report gives medians, interquartile ranges and
-each fused forward's time over the plain one's in the same round. Every fixed method also runs end to
+interleaved forward by forward on twins of the model that share its weights, after warm-up rounds; the
+report gives medians, interquartile ranges and each fused forward's time over the plain one's in the
+same round. Every fixed method also runs end to
 end at the smallest shape, and alone (its `Fusion.apply` on a hidden state of each shape), as a share
 of the plain forward.
 Also the tensor memory of one forward per variant (its peak and its total), each in a fresh process;
@@ -15,7 +16,6 @@ optionally `torch.compile`d plain against compiled fused forwards.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -39,7 +39,8 @@ from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .sites import find_blocks, resolve_site
-from .timing import Summary, paired_ratios, time_calls, time_interleaved
+from .timing import Summary, paired_ratios, time_calls
+from .twins import side_by_side
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
 THREADS = (1, 2)
@@ -50,10 +51,6 @@ TARGET = 1.02
 ROUNDS = ((64, 80), (1024, 48), (4096, 8))
 """Timed forwards per variant by batch tokens (B·T up to the first number), 7 beyond: the default grid fits in 5
 minutes on 2 cores."""
-SHORT = 0.1
-"""Where a plain forward takes less (seconds), each variant runs `SHORT_CALLS` timed forwards per round after one
-untimed forward, instead of one timed forward."""
-SHORT_CALLS = 4
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -341,30 +338,20 @@ def _fusion(model: nn.Module, method: str, layer: int, approach: str) -> Fusion:
 
 
 def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: str, layer: int, rounds: int) -> Point:
-    """Time `rounds` forwards of the plain model, the hook and the custom layer at one grid point, interleaved.
+    """Time `rounds` forwards each of the plain model, the hook and the custom layer at one grid point.
 
-    Each round attaches each variant's fusion afresh. Where a forward is `SHORT`, the round runs one
-    untimed forward and then `SHORT_CALLS` timed ones per variant: the steady state of a user's loop
-    of forwards, which does not pay for the attaching.
+    The fusions sit on twins of the model that share its weights (`side_by_side`), so the three
+    forwards alternate call by call, in an order that turns round by round, with nothing attached or
+    removed between them: each fused forward is paired with a plain one a moment apart, in the steady
+    state of a user's loop of forwards.
     """
     inputs = _batch(model, batch, tokens)
     sync = _synchronizer(next(model.parameters()).device)
-
-    def run() -> None:
-        model(**inputs)
-        sync()
-
-    variants = {"plain": nullcontext} | {a: functools.partial(_fusion, model, method, layer, a) for a in APPROACHES}
-    with torch.inference_mode():
-        run()  # a shape's first forward can pay for setting it up
-        start = time.perf_counter()
-        run()
-        short = time.perf_counter() - start < SHORT
-        settle, calls = (1, min(SHORT_CALLS, rounds)) if short else (0, 1)
-        times = time_interleaved(
-            run, variants, repeats=-(-rounds // calls), warmup=max(1, rounds // calls // 10), settle=settle, calls=calls
-        )
-    return Point(batch, tokens, threads, method, {name: seconds[:rounds] for name, seconds in times.items()})
+    fusions = {a: functools.partial(_fusion, method=method, layer=layer, approach=a) for a in APPROACHES}
+    with torch.inference_mode(), side_by_side(model, fusions) as networks:
+        calls = {name: functools.partial(_call, network, inputs, sync) for name, network in networks.items()}
+        times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))
+    return Point(batch, tokens, threads, method, times)
 
 
 def time_cost(model: nn.Module, method: str, layer: int, batch: int, tokens: int, plain: Point) -> Cost:
@@ -459,36 +446,36 @@ def measure_memory(
 def time_compiled(
     model: nn.Module, *, method: str, layer: int, shapes: Sequence[tuple[int, int]], threads: int, backend: str
 ) -> tuple[list[Point], dict[str, float]]:
-    """Compiled plain against compiled fused forwards: one copy of the model per variant, fused before compiling.
+    """Compiled plain against compiled fused forwards: twins of the model sharing its weights, fused before compiling.
 
     torch guards on module hooks here, so that the hook variant never runs the plain variant's graph;
     each compiled forward is checked against its eager forward before it is timed.
     """
-    copies = {"plain": model, **{a: copy.deepcopy(model) for a in APPROACHES}}
-    fusions = [_fusion(copies[a], method, layer, a) for a in APPROACHES]
-    compiled = {
-        name: torch.compile(network, fullgraph=True, dynamic=False, backend=backend) for name, network in copies.items()
-    }
+    fusions = {a: functools.partial(_fusion, method=method, layer=layer, approach=a) for a in APPROACHES}
     sync = _synchronizer(next(model.parameters()).device)
     points, compile_seconds = [], {}
-    try:
-        with torch.inference_mode(), torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-            for batch, tokens in shapes:
-                inputs = _batch(model, batch, tokens)
-                for name, network in compiled.items():
-                    start = time.perf_counter()
-                    output = network(**inputs).last_hidden_state
-                    sync()
-                    compile_seconds[f"{name} {batch}x{tokens}"] = time.perf_counter() - start
-                    if not torch.allclose(output, copies[name](**inputs).last_hidden_state, rtol=1e-2, atol=1e-2):
-                        raise RuntimeError(f"the compiled {name} forward differs from the eager one at {batch}x{tokens}")
-                calls = {name: functools.partial(_call, network, inputs, sync) for name, network in compiled.items()}
-                rounds = rounds_for(batch, tokens)
-                times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))
-                points.append(Point(batch, tokens, threads, method, times))
-    finally:
-        for fusion in fusions:
-            fusion.remove()
+    with (
+        torch.inference_mode(),
+        torch._dynamo.config.patch(skip_nnmodule_hook_guards=False),
+        side_by_side(model, fusions) as networks,
+    ):
+        compiled = {
+            name: torch.compile(network, fullgraph=True, dynamic=False, backend=backend)
+            for name, network in networks.items()
+        }
+        for batch, tokens in shapes:
+            inputs = _batch(model, batch, tokens)
+            for name, network in compiled.items():
+                start = time.perf_counter()
+                output = network(**inputs).last_hidden_state
+                sync()
+                compile_seconds[f"{name} {batch}x{tokens}"] = time.perf_counter() - start
+                if not torch.allclose(output, networks[name](**inputs).last_hidden_state, rtol=1e-2, atol=1e-2):
+                    raise RuntimeError(f"the compiled {name} forward differs from the eager one at {batch}x{tokens}")
+            calls = {name: functools.partial(_call, network, inputs, sync) for name, network in compiled.items()}
+            rounds = rounds_for(batch, tokens)
+            times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))
+            points.append(Point(batch, tokens, threads, method, times))
     return points, compile_seconds
 
 

@@ -7,21 +7,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import ArgumentValueError
-from .fusion import fuse
+from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .positions import PositionsLike
 from .sites import find_blocks, resolve_site
-from .timing import Summary, time_interleaved
+from .timing import Summary, paired_ratios, time_calls
+from .twins import side_by_side
 
 DEFAULT_TEXTS = (
     "Hello, how are you?",
@@ -43,16 +45,25 @@ class Comparison:
     identical: bool
     max_abs_diff: float
     fusion_change: float
-    repeats: int
-    timings: dict[str, Summary]
+    seconds: dict[str, list[float]]
+
+    @property
+    def repeats(self) -> int:
+        return len(self.seconds["plain"])
+
+    @property
+    def timings(self) -> dict[str, Summary]:
+        """Median and quartiles of each variant's seconds."""
+        return {name: Summary.of(seconds) for name, seconds in self.seconds.items()}
 
     def ratio(self, variant: str) -> float:
-        """Median time of `variant` over the plain forward's."""
-        return self.timings[variant].median / self.timings["plain"].median
+        """Median over the runs of `variant`'s seconds over the plain forward's in the same run."""
+        return paired_ratios(self.seconds, "plain")[variant].median
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""
         data = asdict(self)
+        data["repeats"] = self.repeats
         data["timings"] = {
             name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name)}
             for name, t in self.timings.items()
@@ -115,9 +126,9 @@ def compare(
     def forward(**options: Any) -> Any:
         return network(**batch, **options)
 
-    def fused(approach: str) -> Any:
+    def fused(approach: str, model: nn.Module = network) -> Fusion:
         return fuse(
-            network, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments
+            model, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments
         )
 
     with torch.inference_mode():
@@ -129,12 +140,9 @@ def compare(
                 states[approach] = torch.stack([*out.hidden_states, out.last_hidden_state])
         hook, custom = (states[a] for a in APPROACH_NAMES)
         real = batch["attention_mask"].bool()
-        times = time_interleaved(
-            forward,
-            {"plain": nullcontext, **{a: (lambda a=a: fused(a)) for a in APPROACH_NAMES}},
-            repeats=repeats,
-            settle=1,
-        )
+        twins = {a: functools.partial(fused, a) for a in APPROACH_NAMES}
+        with side_by_side(network, twins) as networks:
+            times = time_calls({name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats)
     return Comparison(
         model=DEFAULT_MODEL if model is None else str(model),
         layer=layer,
@@ -143,6 +151,5 @@ def compare(
         identical=torch.equal(hook, custom),
         max_abs_diff=float((hook - custom).abs().max()),
         fusion_change=float((hook[-1] - plain)[real].abs().max()),
-        repeats=repeats,
-        timings={name: Summary.of(seconds) for name, seconds in times.items()},
+        seconds=times,
     )

@@ -1,7 +1,6 @@
-"""Time one call under several variants, interleaved round by round, and summarise with medians.
+"""Time several calls interleaved round by round, and summarise with medians and paired ratios.
 
->>> from contextlib import nullcontext
->>> times = time_interleaved(lambda: sum(range(100)), {"plain": nullcontext}, repeats=3)
+>>> times = time_calls({"plain": lambda: sum(range(100))}, repeats=3)
 >>> len(times["plain"])
 3
 """
@@ -11,64 +10,29 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 
-def time_interleaved(
-    run: Callable[[], object],
-    variants: Mapping[str, Callable[[], AbstractContextManager[object]]],
-    *,
-    repeats: int,
-    warmup: int = 1,
-    settle: int = 0,
-    calls: int = 1,
-) -> dict[str, list[float]]:
-    """Seconds of `run()` inside each variant's context: `calls` per round, `repeats` rounds after `warmup`.
-
-    Every round enters each variant's context once, starting one further along each time, so that
-    drift in the machine's speed falls on all variants alike. Entering and leaving the context is
-    not timed, nor are the `settle` calls run in it before the timed ones: the first call after
-    entering a context can pay for waking threads and refilling caches, which a loop of calls does not.
-    """
-
-    def timed(name: str) -> list[float]:
-        with variants[name]():
-            for _ in range(settle):
-                run()
-            seconds = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                run()
-                seconds.append(time.perf_counter() - start)
-            return seconds
-
-    return _rounds(list(variants), timed, repeats, warmup)
-
-
 def time_calls(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each of `calls`, interleaved round by round as `time_interleaved` runs its variants.
+    """Seconds of each of `calls`, once per round for `repeats` rounds after `warmup` untimed ones.
+
+    Each round runs every call once, starting one further along each time, so that drift in the
+    machine's speed falls on all of them alike.
 
     >>> sorted(time_calls({"a": lambda: None, "b": lambda: None}, repeats=2))
     ['a', 'b']
     """
 
-    def timed(name: str) -> list[float]:
-        start = time.perf_counter()
-        calls[name]()
-        return [time.perf_counter() - start]
-
-    return _rounds(list(calls), timed, repeats, warmup)
-
-
-def _rounds(names: list[str], timed: Callable[[str], list[float]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds = timed(name)
+            start = time.perf_counter()
+            calls[name]()
+            seconds = time.perf_counter() - start
             if round_ >= warmup:
-                times[name] += seconds
+                times[name].append(seconds)
     return times
 
 
