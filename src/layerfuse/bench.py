@@ -39,7 +39,7 @@ from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .sites import find_blocks, resolve_site
-from .timing import Summary, paired_ratios, time_calls
+from .timing import Summary, paired_ratio, time_calls
 from .twins import side_by_side
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
@@ -80,7 +80,7 @@ class Point:
 
     def ratio(self, variant: str) -> Summary:
         """`variant`'s seconds over the plain forward's in the same round: median and quartiles."""
-        return paired_ratios(self.seconds, "plain")[variant]
+        return paired_ratio(self.seconds[variant], self.seconds["plain"])
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .positions import PositionsLike
 from .sites import find_blocks, resolve_site
-from .timing import Summary, paired_ratios, time_calls
+from .timing import Summary, paired_ratio, time_calls
 from .twins import side_by_side
 
 DEFAULT_TEXTS = (
@@ -58,7 +58,7 @@ class Comparison:
 
     def ratio(self, variant: str) -> float:
         """Median over the runs of `variant`'s seconds over the plain forward's in the same run."""
-        return paired_ratios(self.seconds, "plain")[variant].median
+        return paired_ratio(self.seconds[variant], self.seconds["plain"]).median
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""

@@ -36,18 +36,15 @@ def time_calls(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmu
     return times
 
 
-def paired_ratios(times: Mapping[str, list[float]], reference: str) -> dict[str, Summary]:
-    """Each variant's seconds over `reference`'s in the same round, summarised over the rounds.
+def paired_ratio(seconds: list[float], reference: list[float]) -> Summary:
+    """`seconds` over `reference`'s in the same round, summarised over the rounds.
 
     Pairing by round cancels drift that a ratio of medians keeps.
 
-    >>> paired_ratios({"plain": [1.0, 2.0], "fused": [1.1, 2.2]}, "plain")["fused"].median
+    >>> paired_ratio([1.1, 2.2], [1.0, 2.0]).median
     1.1
     """
-    return {
-        name: Summary.of([spent / base for spent, base in zip(seconds, times[reference], strict=True)])
-        for name, seconds in times.items()
-    }
+    return Summary.of([spent / base for spent, base in zip(seconds, reference, strict=True)])
 
 
 @dataclass(frozen=True)
