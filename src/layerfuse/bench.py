@@ -3,10 +3,8 @@
 For each batch × tokens shape and thread count, the plain forward, the hook and the custom layer run
 interleaved forward by forward on twins of the model that share its weights, after warm-up rounds; the
 report gives medians, interquartile ranges and each fused forward's time over the plain one's in the
-same round. Every fixed method also runs end to
-end at the smallest shape, and alone (its `Fusion.apply` on a hidden state of each shape), as a share
-of the plain forward.
-Also the tensor memory of one forward per variant (its peak and its total), each in a fresh process;
+same round. Every fixed method also runs end to end at the smallest shape, and alone (its
+`Fusion.apply` on a hidden state of each shape), as a share of the plain forward. Also the tensor memory of one forward per variant (its peak and its total), each in a fresh process;
 optionally `torch.compile`d plain against compiled fused forwards.
 
 >>> report = bench(shapes=((1, 4),), threads=(1,), methods=("addition",), rounds=1, memory=False)

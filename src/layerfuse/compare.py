@@ -126,7 +126,7 @@ def compare(
     def forward(**options: Any) -> Any:
         return network(**batch, **options)
 
-    def fused(approach: str, model: nn.Module = network) -> Fusion:
+    def fused(model: nn.Module, approach: str) -> Fusion:
         return fuse(
             model, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments
         )
@@ -135,12 +135,12 @@ def compare(
         plain = forward().last_hidden_state
         states = {}
         for approach in APPROACH_NAMES:
-            with fused(approach):
+            with fused(network, approach):
                 out = forward(output_hidden_states=True)
                 states[approach] = torch.stack([*out.hidden_states, out.last_hidden_state])
         hook, custom = (states[a] for a in APPROACH_NAMES)
         real = batch["attention_mask"].bool()
-        twins = {a: functools.partial(fused, a) for a in APPROACH_NAMES}
+        twins = {a: functools.partial(fused, approach=a) for a in APPROACH_NAMES}
         with side_by_side(network, twins) as networks:
             times = time_calls({name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats)
     return Comparison(
