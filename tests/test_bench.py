@@ -43,13 +43,20 @@ def test_grid_every_method_and_costs():
     ]
     assert all(c.share == c.seconds.median / c.plain > 0 for c in report.costs)
     assert report.max_ratio() == max(p.ratio(a).median for p in report.points for a in ("hook", "layer"))
+    point, approach, ratio = report.largest()
+    assert ratio == point.ratio(approach) and ratio.median == report.max_ratio()
     assert report.layer == 3 and report.memory is None and report.compiled == []
     data = json.loads(json.dumps(report.to_dict()))
     assert data["max_ratio"] == report.max_ratio() and data["target_ratio"] == 1.02
     assert data["points"][1]["method"] == "ablate"
     assert set(data["points"][0]["ratio_to_plain"]) == {"hook", "layer"}
     table = report.table()
-    assert table.count("| 1 x 4 | 1 |") == 3 and "| ablate | 1 |" in table and "Largest fused / plain" in table
+    assert table.count("| 1 x 4 | 1 |") == 3 and "| ablate | 1 |" in table
+    assert (
+        f"Largest fused / plain median: {ratio.median:.3f}x (target: 1.02x or less), {approach} at "
+        f"{point.batch} x {point.tokens} with 1 thread ({point.method}), where the paired ratios' IQR is "
+        f"{ratio.q1:.3f}-{ratio.q3:.3f} over 2 forwards"
+    ) in table
 
 
 def test_compiled_forwards():

@@ -172,7 +172,13 @@ class Report:
 
     def max_ratio(self) -> float:
         """The largest median ratio of fused to plain, over every eager grid point and approach."""
-        return max(point.ratio(a).median for point in self.points for a in APPROACHES)
+        return self.largest()[2].median
+
+    def largest(self) -> tuple[Point, str, Summary]:
+        """The eager grid point and approach with the largest median ratio of fused to plain, and that ratio."""
+        return max(
+            ((point, a, point.ratio(a)) for point in self.points for a in APPROACHES), key=lambda found: found[2].median
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the whole report."""
@@ -205,7 +211,14 @@ class Report:
             "|---|---|---|---|---|---|---|",
         ]
         lines += [_point_row(point) for point in self.points]
-        lines += ["", f"Largest fused / plain median: {self.max_ratio():.3f}x (target: {TARGET}x or less)"]
+        point, approach, ratio = self.largest()
+        lines += [
+            "",
+            f"Largest fused / plain median: {ratio.median:.3f}x (target: {TARGET}x or less), {approach} at "
+            f"{point.batch} x {point.tokens} with {point.threads} thread{'s' if point.threads > 1 else ''} "
+            f"({point.method}), where the paired ratios' IQR is {ratio.q1:.3f}-{ratio.q3:.3f} over {point.rounds} "
+            "forwards",
+        ]
         if self.costs:
             shapes = sorted({(c.batch, c.tokens) for c in self.costs}, key=lambda s: s[0] * s[1])
             lines += [
