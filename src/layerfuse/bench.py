@@ -4,8 +4,9 @@ For each batch × tokens shape and thread count, the plain forward, the hook and
 interleaved forward by forward on twins of the model that share its weights, after warm-up rounds; the
 report gives medians, interquartile ranges and each fused forward's time over the plain one's in the
 same round. Every fixed method also runs end to end at the smallest shape, and alone (its
-`Fusion.apply` on a hidden state of each shape), as a share of the plain forward. Also the tensor memory of one forward per variant (its peak and its total), each in a fresh process;
-optionally `torch.compile`d plain against compiled fused forwards.
+`Fusion.apply` on a hidden state of each shape), as a share of the plain forward. Also the tensor
+memory of one forward per variant (its peak and its total), each in a fresh process; optionally
+`torch.compile`d plain against compiled fused forwards.
 
 >>> report = bench(shapes=((1, 4),), threads=(1,), methods=("addition",), rounds=1, memory=False)
 >>> [(point.batch, point.tokens, sorted(point.timings)) for point in report.points]
@@ -37,7 +38,7 @@ from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .sites import find_blocks, resolve_site
-from .timing import Summary, paired_ratio, time_calls
+from .timing import Interleaved, Summary, time_calls
 from .twins import side_by_side
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
@@ -58,7 +59,7 @@ def rounds_for(batch: int, tokens: int) -> int:
 
 
 @dataclass(frozen=True)
-class Point:
+class Point(Interleaved):
     """One grid point: the seconds of the plain forward and of each fused forward, round by round."""
 
     batch: int
@@ -67,18 +68,9 @@ class Point:
     method: str
     seconds: dict[str, list[float]]
 
-    @property
-    def rounds(self) -> int:
-        return len(self.seconds["plain"])
-
-    @property
-    def timings(self) -> dict[str, Summary]:
-        """Median and quartiles of each variant's seconds."""
-        return {name: Summary.of(seconds) for name, seconds in self.seconds.items()}
-
     def ratio(self, variant: str) -> Summary:
         """`variant`'s seconds over the plain forward's in the same round: median and quartiles."""
-        return paired_ratio(self.seconds[variant], self.seconds["plain"])
+        return self.paired(variant)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -184,10 +184,10 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="time plain against fused forwards over a grid of shapes and threads; peak memory; a plot",
         description="Time the plain forward, the hook and the custom layer, interleaved forward by forward "
-        "after warm-up rounds, at every batch x tokens shape and thread count; every fixed method end to end at the smallest shape "
-        "and alone at every shape; the peak memory of one forward per variant in fresh processes. Prints "
-        "medians, interquartile ranges and ratios to the plain forward. The default grid takes about 4 "
-        "minutes on 2 cores.",
+        "after warm-up rounds, at every batch x tokens shape and thread count; every fixed method end to end "
+        "at the smallest shape and alone at every shape; the peak memory of one forward per variant in fresh "
+        "processes. Prints medians, interquartile ranges and ratios to the plain forward. The default grid takes "
+        "about 4 minutes on 2 cores.",
     )
     bnc.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
     bnc.add_argument("--layer", type=int, default=None, help="hidden_states index to fuse at (default: the middle block)")

@@ -22,7 +22,7 @@ from .methods import METHODS, canonical_name
 from .models import DEFAULT_MODEL, load_model
 from .positions import PositionsLike
 from .sites import find_blocks, resolve_site
-from .timing import Summary, paired_ratio, time_calls
+from .timing import Interleaved, time_calls
 from .twins import side_by_side
 
 DEFAULT_TEXTS = (
@@ -35,7 +35,7 @@ APPROACH_NAMES = ("hook", "layer")
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(Interleaved):
     """What `compare` found: agreement of the approaches, the fusion's effect and median timings."""
 
     model: str
@@ -49,16 +49,11 @@ class Comparison:
 
     @property
     def repeats(self) -> int:
-        return len(self.seconds["plain"])
-
-    @property
-    def timings(self) -> dict[str, Summary]:
-        """Median and quartiles of each variant's seconds."""
-        return {name: Summary.of(seconds) for name, seconds in self.seconds.items()}
+        return self.rounds
 
     def ratio(self, variant: str) -> float:
         """Median over the runs of `variant`'s seconds over the plain forward's in the same run."""
-        return paired_ratio(self.seconds[variant], self.seconds["plain"]).median
+        return self.paired(variant).median
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""

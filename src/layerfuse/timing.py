@@ -47,6 +47,28 @@ def paired_ratio(seconds: list[float], reference: list[float]) -> Summary:
     return Summary.of([spent / base for spent, base in zip(seconds, reference, strict=True)])
 
 
+class Interleaved:
+    """Base of a result that holds what `time_calls` measured: `seconds`, each variant's round by round.
+
+    One of the variants is "plain", the reference of every ratio.
+    """
+
+    seconds: dict[str, list[float]]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.seconds["plain"])
+
+    @property
+    def timings(self) -> dict[str, Summary]:
+        """Median and quartiles of each variant's seconds."""
+        return {name: Summary.of(seconds) for name, seconds in self.seconds.items()}
+
+    def paired(self, variant: str) -> Summary:
+        """`variant`'s seconds over the plain forward's in the same round: median and quartiles."""
+        return paired_ratio(self.seconds[variant], self.seconds["plain"])
+
+
 @dataclass(frozen=True)
 class Summary:
     """Median and interquartile range of a list of seconds."""
