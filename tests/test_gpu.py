@@ -81,9 +81,11 @@ def test_sweep(device, dtype):
 
 
 @CUDA
-def test_compile_on_cuda():
+@pytest.mark.parametrize("method", ["ablate", "clamp", "scale"])
+def test_compile_on_cuda(method):
     model, batch = setup("cuda", torch.float16)
-    with torch.no_grad(), layerfuse.fuse(model, torch.randn(H), layer=2, method="ablate", approach="layer"):
+    info, arguments = FIXED[method]
+    with torch.no_grad(), layerfuse.fuse(model, info, layer=2, method=method, approach="layer", **arguments):
         eager = model(**batch).last_hidden_state
         compiled = torch.compile(model, fullgraph=True)(**batch).last_hidden_state
     torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)

