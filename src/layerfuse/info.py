@@ -87,7 +87,7 @@ class Info:
         """The info as the method takes it for `hidden` (B, T, H), after checking B and T."""
         if self.tensor is None:
             return None
-        if self.tensor.dtype != hidden.dtype or self.tensor.device != hidden.device:
+        if self.tensor.dtype is not hidden.dtype or self.tensor.device != hidden.device:
             self.to(hidden.dtype, hidden.device)
         if self.batch_size is not None and self.batch_size != hidden.shape[0]:
             raise InfoShapeError(

@@ -38,7 +38,8 @@ class Method(nn.Module):
     - "basis" and "sequence": (K, D) or (B, K, D);
     - "none": the method takes no info and gets None.
 
-    D is `info_dim(H)`: H, unless the method projects info of its own size.
+    D is `info_dim(H)`: H, unless the method projects info of its own size. A fusion calls
+    `forward` directly, so hooks registered on a method do not run.
     """
 
     method_name: ClassVar[str] = ""
