@@ -26,6 +26,16 @@ def test_formulas():
     assert torch.equal(layerfuse.Multiplication()(HIDDEN, INFO), HIDDEN * INFO)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_scale_and_clamp_round_as_with_a_python_number(dtype):
+    hidden, direction = HIDDEN.to(dtype), (INFO / INFO.norm()).to(dtype)
+    scaled = layerfuse.Scale(alpha=0.3)(hidden, None)
+    assert scaled.dtype == dtype and torch.equal(scaled, hidden * 0.3)
+    clamped = layerfuse.Clamp(value=0.7)(hidden, direction)
+    assert clamped.dtype == dtype
+    assert torch.equal(clamped, torch.addcmul(hidden, 0.7 - (hidden @ direction).unsqueeze(-1), direction))
+
+
 def test_a_method_instance_is_used_as_it_is():
     method = layerfuse.Addition(alpha=2.0)
     assert make_method(method) is method

@@ -30,7 +30,7 @@ def scalar(value: float) -> torch.Tensor:
 
     Ops take it as they take a Python number (same dtype, device and bits of the result), but skip
     wrapping the number in a tensor at every call: inside a forward on CPU, where that rarely run code
-    is out of the caches, this saves about 20 us a call, 0.2-0.3% of a 1x8 forward.
+    is out of the caches, this saves 10-20 us a call, 0.1-0.3% of a 1x8 forward.
 
     >>> torch.ones(2, dtype=torch.bfloat16) * scalar(0.5)
     tensor([0.5000, 0.5000], dtype=torch.bfloat16)
