@@ -340,6 +340,11 @@ def _fusion(model: nn.Module, method: str, layer: int, approach: str) -> Fusion:
     return fuse(model, info, layer=layer, method=method, approach=approach, **METHOD_ARGUMENTS.get(method, {}))
 
 
+def _twin_fusions(method: str, layer: int) -> dict[str, Callable[[nn.Module], Fusion]]:
+    """For `side_by_side`: per approach, what attaches the fusion to a twin."""
+    return {a: functools.partial(_fusion, method=method, layer=layer, approach=a) for a in APPROACHES}
+
+
 def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: str, layer: int, rounds: int) -> Point:
     """Time `rounds` forwards each of the plain model, the hook and the custom layer at one grid point.
 
@@ -350,7 +355,7 @@ def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: 
     """
     inputs = _batch(model, batch, tokens)
     sync = _synchronizer(next(model.parameters()).device)
-    fusions = {a: functools.partial(_fusion, method=method, layer=layer, approach=a) for a in APPROACHES}
+    fusions = _twin_fusions(method, layer)
     with torch.inference_mode(), side_by_side(model, fusions) as networks:
         calls = {name: functools.partial(_call, network, inputs, sync) for name, network in networks.items()}
         times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))
@@ -454,7 +459,7 @@ def time_compiled(
     torch guards on module hooks here, so that the hook variant never runs the plain variant's graph;
     each compiled forward is checked against its eager forward before it is timed.
     """
-    fusions = {a: functools.partial(_fusion, method=method, layer=layer, approach=a) for a in APPROACHES}
+    fusions = _twin_fusions(method, layer)
     sync = _synchronizer(next(model.parameters()).device)
     points, compile_seconds = [], {}
     with (

@@ -47,10 +47,6 @@ class Comparison(Interleaved):
     fusion_change: float
     seconds: dict[str, list[float]]
 
-    @property
-    def repeats(self) -> int:
-        return self.rounds
-
     def ratio(self, variant: str) -> float:
         """Median over the runs of `variant`'s seconds over the plain forward's in the same run."""
         return self.paired(variant).median
@@ -58,7 +54,7 @@ class Comparison(Interleaved):
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""
         data = asdict(self)
-        data["repeats"] = self.repeats
+        data["repeats"] = self.rounds
         data["timings"] = {
             name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name)}
             for name, t in self.timings.items()
@@ -75,7 +71,7 @@ class Comparison(Interleaved):
             f"(max abs diff {self.max_abs_diff:.3g})",
             f"fusion changed the output by up to {self.fusion_change:.3g} (real tokens)",
             "",
-            f"{'variant':<8} {'median':>10} {'vs plain':>9}   ({self.repeats} interleaved runs)",
+            f"{'variant':<8} {'median':>10} {'vs plain':>9}   ({self.rounds} interleaved runs)",
         ]
         lines += [
             f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name):>8.3f}x"
