@@ -3,8 +3,8 @@
 `layer=k` names the tensor that `output_hidden_states` reports as `hidden_states[k]`: 0 is the
 embeddings' output (the first block's input, for decoders whose embeddings may be bypassed by
 `inputs_embeds`), k the output of block k, negatives count from the end.
-Where a model normalises after its last block (GPT-2, Llama, ModernBERT), `hidden_states[N]` and so
-`layer=N` is the normalised output. Sites within a block: "input" (the block's input), "attention"
+Where a model normalises after its last block (GPT-2, Llama, ModernBERT on transformers 5),
+`hidden_states[N]` and so `layer=N` is the normalised output. Sites within a block: "input" (the block's input), "attention"
 and "mlp" (the sub-layer's output, before the residual add); "embeddings" is layer 0; any module can
 also be named by its dotted path. ALBERT runs one shared block N times: its layer k is the k-th call.
 
@@ -20,6 +20,7 @@ import inspect
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import transformers
 from torch import nn
 
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, LayerIndexError
@@ -40,6 +41,8 @@ class Layout:
 
 
 _BERT = Layout(blocks="encoder.layer", attention="attention.output.dense", mlp="output.dense", embeddings=("embeddings",))
+# ModernBERT normalises after its last block, and transformers 4.x reports the raw output as hidden_states[N].
+_MODERNBERT_NORM = "final_norm" if int(transformers.__version__.split(".")[0]) >= 5 else None
 _DECODER = Layout(blocks="layers", attention="self_attn", mlp="mlp", final_norm="norm")
 LAYOUTS: dict[str, Layout] = {
     "bert": _BERT,
@@ -54,7 +57,7 @@ LAYOUTS: dict[str, Layout] = {
         embeddings=("encoder.embedding_hidden_mapping_in",),
     ),
     "distilbert": Layout(blocks="transformer.layer", attention="attention", mlp="ffn", embeddings=("embeddings",)),
-    "modernbert": Layout(blocks="layers", attention="attn", mlp="mlp", final_norm="final_norm", embeddings=("embeddings",)),
+    "modernbert": Layout(blocks="layers", attention="attn", mlp="mlp", final_norm=_MODERNBERT_NORM, embeddings=("embeddings",)),
     "gpt2": Layout(blocks="h", attention="attn", mlp="mlp", final_norm="ln_f", embeddings=("drop",)),
     "llama": _DECODER,
     "mistral": _DECODER,
