@@ -105,7 +105,7 @@ def test_plot_writes_a_png(tmp_path, compiled):
 
 
 def test_rounds_fit_the_default_grid():
-    assert [rounds_for(b, t) for b, t in ((1, 8), (8, 64), (32, 128), (16, 512))] == [80, 48, 8, 7]
+    assert [rounds_for(b, t) for b, t in ((1, 8), (8, 64), (32, 128), (16, 512))] == [80, 32, 16, 6]
     assert "clamp" in FIXED_METHODS and "film" not in FIXED_METHODS
 
 

@@ -47,15 +47,16 @@ APPROACHES = ("hook", "layer")
 FIXED_METHODS = tuple(name for name, cls in METHODS.items() if not cls.learned)
 METHOD_ARGUMENTS: dict[str, dict[str, float]] = {"scale": {"alpha": 0.5}, "clamp": {"value": 1.0}}
 TARGET = 1.02
-ROUNDS = ((64, 80), (1024, 48), (4096, 8))
-"""Timed forwards per variant by batch tokens (B·T up to the first number), 7 beyond: the default grid fits in 5
-minutes on 2 cores."""
+ROUNDS = ((64, 80), (1024, 32), (4096, 16))
+"""Timed forwards per variant by batch tokens (B·T up to the first number), 6 beyond: the default grid fits in 5
+minutes on 2 cores. A burst of other work on the machine weighs less on a longer forward, so 16×512 needs fewer
+forwards than 32×128 to resolve the same ratio."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def rounds_for(batch: int, tokens: int) -> int:
     """Timed forwards per variant at a shape: many where a forward takes milliseconds, few where it takes seconds."""
-    return next((rounds for limit, rounds in ROUNDS if batch * tokens <= limit), 7)
+    return next((rounds for limit, rounds in ROUNDS if batch * tokens <= limit), 6)
 
 
 @dataclass(frozen=True)

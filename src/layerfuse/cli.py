@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         "after warm-up rounds, at every batch x tokens shape and thread count; every fixed method end to end "
         "at the smallest shape and alone at every shape; the peak memory of one forward per variant in fresh "
         "processes. Prints medians, interquartile ranges and ratios to the plain forward. The default grid takes "
-        "about 4 minutes on 2 cores.",
+        "about 4.5 minutes on 2 cores.",
     )
     bnc.add_argument("--model", default=None, help="hub name or local folder (default: the embedded MiniLM BERT)")
     bnc.add_argument("--layer", type=int, default=None, help="hidden_states index to fuse at (default: the middle block)")
@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=counts_argument, default=THREADS, metavar="N,...",
         help="CPU thread counts (default: %s)" % ",".join(map(str, THREADS)),
     )
-    bnc.add_argument("--rounds", type=int, help="timed forwards per variant at every shape (default: by shape, 80 down to 7)")
+    bnc.add_argument("--rounds", type=int, help="timed forwards per variant at every shape (default: by shape, 80 down to 6)")
     bnc.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bnc.add_argument(
         "--compile", action="store_true",
