@@ -69,9 +69,7 @@ class Point(Interleaved):
     method: str
     seconds: dict[str, list[float]]
 
-    def ratio(self, variant: str) -> Summary:
-        """`variant`'s seconds over the plain forward's in the same round: median and quartiles."""
-        return self.paired(variant)
+    ratio = Interleaved.paired
 
     def to_dict(self) -> dict[str, Any]:
         return {

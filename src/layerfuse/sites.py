@@ -4,9 +4,10 @@
 embeddings' output (the first block's input, for decoders whose embeddings may be bypassed by
 `inputs_embeds`), k the output of block k, negatives count from the end.
 Where a model normalises after its last block (GPT-2, Llama, ModernBERT on transformers 5),
-`hidden_states[N]` and so `layer=N` is the normalised output. Sites within a block: "input" (the block's input), "attention"
-and "mlp" (the sub-layer's output, before the residual add); "embeddings" is layer 0; any module can
-also be named by its dotted path. ALBERT runs one shared block N times: its layer k is the k-th call.
+`hidden_states[N]` and so `layer=N` is the normalised output. Sites within a block: "input" (the
+block's input), "attention" and "mlp" (the sub-layer's output, before the residual add); "embeddings"
+is layer 0; any module can also be named by its dotted path. ALBERT runs one shared block N times:
+its layer k is the k-th call.
 
 >>> from transformers import BertConfig, BertModel
 >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
