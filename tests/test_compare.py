@@ -64,7 +64,7 @@ def test_cli_table_by_default(capsys):
     [
         (["compare", "--layer", "9"], "layer 9 is out of range for a 6-block model: use 0..6 or -7..-1"),
         (["compare", "--method", "nope"], "unknown method 'nope'"),
-        (["compare", "--repeats", "0"], "repeats must be at least 1"),
+        (["compare", "--repeats", "0"], "repeats must be a positive int, got 0"),
         (["compare", "--method", "scale"], "method 'scale': missing argument(s) ['alpha']"),
         (["compare", "--method", "multiply", "--alpha", "2"], "unknown argument(s) ['alpha']"),
     ],

@@ -33,11 +33,11 @@ import transformers
 from torch import nn
 
 from .compare import random_info
-from .errors import ArgumentValueError
+from .errors import ArgumentValueError, positive_int
 from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
-from .models import DEFAULT_MODEL, load_model
-from .sites import find_blocks, resolve_site
+from .models import load_model, model_label
+from .sites import middle_layer, resolve_site
 from .timing import Interleaved, Summary, time_calls
 from .twins import side_by_side
 
@@ -523,15 +523,15 @@ def bench(
     _check_shapes(compile_shapes, "compile_shapes")
     if not threads or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in threads):
         raise ArgumentValueError(f"threads must be positive ints, got {threads!r}")
-    if rounds is not None and (not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1):
-        raise ArgumentValueError(f"rounds must be a positive int, got {rounds!r}")
+    if rounds is not None:
+        positive_int("rounds", rounds)
     method = canonical_name(method)
     methods = list(dict.fromkeys(canonical_name(m) for m in methods))
     learned = [m for m in [method, *methods] if METHODS[m].learned]
     if learned:
         raise ArgumentValueError(f"bench times fixed methods; {', '.join(learned)} must be trained first")
     network = load_model(model)[0].to(device=parsed_device, dtype=parsed_dtype)
-    layer = resolve_site(network, layer=len(find_blocks(network)) // 2 if layer is None else layer).layer
+    layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
     previous_threads = torch.get_num_threads()
     points: list[Point] = []
     costs: list[Cost] = []
@@ -564,7 +564,7 @@ def bench(
             dtype=dtype, hidden_size=network.config.hidden_size,
         )
     return Report(
-        model=DEFAULT_MODEL if model is None else str(model),
+        model=model_label(model),
         layer=layer,
         method=method,
         device=str(parsed_device),

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArgumentValueError
+from .errors import ArgumentValueError, positive_int
 from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
-from .models import DEFAULT_MODEL, load_model
+from .models import load_model, model_label
 from .positions import PositionsLike
-from .sites import find_blocks, resolve_site
+from .sites import middle_layer, resolve_site
 from .timing import Interleaved, time_calls
 from .twins import side_by_side
 
@@ -104,12 +104,11 @@ def compare(
     `layer` defaults to the middle block. `info` defaults to `random_info(method, H, seed)`;
     `method_arguments` (e.g. `alpha=0.5`) and `positions` go to `fuse`.
     """
-    if repeats < 1:
-        raise ArgumentValueError(f"repeats must be at least 1, got {repeats}")
+    positive_int("repeats", repeats)
     if not texts:
         raise ArgumentValueError("texts must hold at least one text")
     network, tokenizer = load_model(model)
-    layer = resolve_site(network, layer=len(find_blocks(network)) // 2 if layer is None else layer).layer
+    layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
     batch = tokenizer(list(texts), return_tensors="pt", padding=True)
     if info is None:
         info = random_info(method, network.config.hidden_size, seed)
@@ -135,7 +134,7 @@ def compare(
         with side_by_side(network, twins) as networks:
             times = time_calls({name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats)
     return Comparison(
-        model=DEFAULT_MODEL if model is None else str(model),
+        model=model_label(model),
         layer=layer,
         method=method,
         batch_shape=tuple(batch["input_ids"].shape),

@@ -54,3 +54,18 @@ class FileFormatError(LayerfuseError, ValueError):
 
 class FusionStateError(LayerfuseError, RuntimeError):
     """An operation that the current state of a fusion does not allow."""
+
+
+def positive_int(name: str, value: object) -> int:
+    """`value` if it is a positive int, else the error that says so.
+
+    >>> positive_int("batch size", 0)
+    Traceback (most recent call last):
+    ...
+    layerfuse.errors.ArgumentValueError: batch size must be a positive int, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ArgumentValueError(f"{name} must be a positive int, got {value}")
+    return value

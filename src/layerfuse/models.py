@@ -22,6 +22,11 @@ from .errors import ModelNotFoundError
 DEFAULT_MODEL = "embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
 
 
+def model_label(name: str | os.PathLike[str] | None) -> str:
+    """How reports name a model: its name or folder, or a description of the embedded default."""
+    return DEFAULT_MODEL if name is None else str(name)
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if hub.HF_HUB_OFFLINE:
         return False

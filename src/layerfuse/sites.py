@@ -234,6 +234,11 @@ def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "out
     return Site(index, site, block.name, block.module, "output", block.call)
 
 
+def middle_layer(model: nn.Module) -> int:
+    """The layer of the middle block, the default of the commands that fuse one layer."""
+    return len(find_blocks(model)) // 2
+
+
 def site_table(model: nn.Module) -> list[dict[str, str]]:
     """For each layer 0..N, the module each site resolves to ("-" where there is none).
 

@@ -38,14 +38,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .compare import DEFAULT_TEXTS
-from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FileFormatError, InfoShapeError
+from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FileFormatError, InfoShapeError, positive_int
 from .fusion import Fusion, prepare_fusion
 from .info import RANKS
 from .methods import INFO_SHAPES, Method, make_method
-from .models import DEFAULT_MODEL, load_model
+from .models import load_model, model_label
 from .outputs import Rebuild, split_output
 from .positions import PositionsLike
-from .sites import find_blocks, find_embeddings, resolve_site
+from .sites import find_blocks, find_embeddings, middle_layer, resolve_site
 
 CHUNK_TOKENS = {"cpu": 2048, "cuda": 32768}
 """Tokens per tail pass when `chunk_size` is not given, by device type: infos per pass is
@@ -173,7 +173,7 @@ def sweep_report(
     if not texts:
         raise ArgumentValueError("texts must hold at least one text")
     network, tokenizer = load_model(model)
-    layer = resolve_site(network, layer=len(find_blocks(network)) // 2 if layer is None else layer).layer
+    layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
     batch = dict(tokenizer(list(texts), return_tensors="pt", padding=True))
     start = time.perf_counter()
     outputs = sweep(
@@ -186,7 +186,7 @@ def sweep_report(
     changes = (outputs - plain)[:, real].abs().flatten(1).amax(dim=1)
     shape = tuple(batch["input_ids"].shape)
     report = SweepReport(
-        model=DEFAULT_MODEL if model is None else str(model),
+        model=model_label(model),
         layer=layer,
         method=method,
         batch_shape=shape,
@@ -291,9 +291,7 @@ def _device_type(model: nn.Module) -> str:
 def _chunk_size(chunk_size: int | None, count: int, batch_tokens: int, device_type: str) -> int:
     if chunk_size is None:
         return min(count, max(1, CHUNK_TOKENS.get(device_type, CHUNK_TOKENS["cuda"]) // batch_tokens))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ArgumentValueError(f"chunk_size must be a positive int (infos per pass) or None, got {chunk_size!r}")
-    return min(chunk_size, count)
+    return min(positive_int("chunk_size (infos per pass)", chunk_size), count)
 
 
 def _replayed_modules(model: nn.Module, layer: int, site: nn.Module) -> list[nn.Module]:

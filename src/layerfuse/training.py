@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArgumentValueError
+from .errors import ArgumentValueError, positive_int
 from .fusion import Fusion
 
 Batch = tuple[dict[str, torch.Tensor], "torch.Tensor | None", Any]
@@ -44,8 +44,7 @@ def train(
             f"the {fusion.method.method_name or type(fusion.method).__name__} fusion has no parameters "
             "to train: use a learned method such as film, gate, concat or cross_attention"
         )
-    if epochs < 1:
-        raise ArgumentValueError(f"epochs must be at least 1, got {epochs}")
+    positive_int("epochs", epochs)
     model = fusion.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=lr)

@@ -17,18 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..errors import ArgumentValueError, positive_int
 from .base import Method, register_method
 from .fixed import finite
-
-
-def size(name: str, value: Any) -> int:
-    """`value` if it is a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ArgumentValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 def zero_linear(inputs: int, outputs: int) -> nn.Linear:
@@ -46,8 +37,8 @@ class LearnedMethod(Method):
 
     def __init__(self, hidden_size: int, info_size: int) -> None:
         super().__init__()
-        self.hidden_size = size("hidden_size", hidden_size)
-        self.info_size = size("info_size", info_size)
+        self.hidden_size = positive_int("hidden_size", hidden_size)
+        self.info_size = positive_int("info_size", info_size)
 
     def info_dim(self, hidden_size: int) -> int:
         if hidden_size != self.hidden_size:
@@ -137,7 +128,7 @@ class CrossAttention(LearnedMethod):
 
     def __init__(self, hidden_size: int, info_size: int, heads: int = 1) -> None:
         super().__init__(hidden_size, info_size)
-        self.heads = size("heads", heads)
+        self.heads = positive_int("heads", heads)
         if self.hidden_size % self.heads:
             raise ArgumentValueError(f"heads must divide the hidden size {self.hidden_size}, got {heads}")
         self.query = nn.Linear(self.hidden_size, self.hidden_size)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import ArgumentValueError
+from ..errors import ArgumentValueError, positive_int
 from ..fusion import Fusion
 from ..models import load_model
 from .spec import FusionSpec
@@ -56,8 +56,7 @@ class Embedder:
     ) -> None:
         if pooling not in POOLINGS:
             raise ArgumentValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ArgumentValueError(f"batch size must be a positive int, got {batch_size!r}")
+        positive_int("batch size", batch_size)
         limits = (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
         limit = min(value for value in limits if value)
         shortest = tokenizer.num_special_tokens_to_add() + 1

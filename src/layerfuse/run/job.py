@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..errors import ArgumentValueError
+from ..errors import ArgumentValueError, positive_int
 from .corpus import Corpus
 from .embedding import Embedder, embedding_type
 from .formats import check_output_format
@@ -131,8 +131,7 @@ def embed_corpus(
     """
     if engine not in ENGINES:
         raise ArgumentValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ArgumentValueError(f"shard size must be a positive int, got {shard_size!r}")
+    positive_int("shard size", shard_size)
     corpus = Corpus(input, text_column=text_column, id_column=id_column)
     output = Path(output)
     if engine == "ray":
