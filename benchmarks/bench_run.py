@@ -25,7 +25,8 @@ import pyarrow as pa
 import torch
 import transformers
 
-from layerfuse.run import Embedder, FusionSpec, embed_corpus
+from layerfuse import FusionConfig
+from layerfuse.run import Embedder, embed_corpus
 
 WORDS = (
     "the of and a to in is was that for on as with by he at from his an were are which this be or had not but "
@@ -80,7 +81,7 @@ def main() -> None:
     texts = sentences(args.rows)
     compared = texts[: args.compare_rows or args.rows]
     info = torch.randn(384, generator=torch.Generator().manual_seed(0))
-    fusion = FusionSpec(layer=3, method="addition", info=info)
+    fusion = FusionConfig(layer=3, method="addition")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads; embedded MiniLM BERT, addition at layer 3, mean pooling, "
@@ -89,8 +90,8 @@ def main() -> None:
 
     with (
         Embedder.load(batch_size=args.batch_size) as plain,
-        Embedder.load(fusion=fusion, batch_size=args.batch_size) as fused,
-        Embedder.load(fusion=fusion, batch_size=args.batch_size, bucket=False) as naive,
+        Embedder.load(fusion=fusion, info=info, batch_size=args.batch_size) as fused,
+        Embedder.load(fusion=fusion, info=info, batch_size=args.batch_size, bucket=False) as naive,
     ):
         lengths = numpy.array([len(ids) for ids in plain.tokenizer(texts)["input_ids"]])
         for embedder in (plain, fused, naive):
@@ -113,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         corpus = Path(folder) / "corpus.txt"
         corpus.write_text("\n".join(BAD_ROWS.get(row, text) for row, text in enumerate(texts)) + "\n")
-        summary = embed_corpus(corpus, Path(folder) / "out.parquet", fusion=fusion, batch_size=args.batch_size)
+        summary = embed_corpus(corpus, Path(folder) / "out.parquet", fusion=fusion, info=info, batch_size=args.batch_size)
         print(f"end to end: {args.rows} rows with {len(BAD_ROWS)} bad ones, fused, into Parquet")
         print(summary.report().replace(folder + "/", ""))
 

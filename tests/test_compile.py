@@ -7,21 +7,23 @@ import torch
 from conftest import TINY, padded_batch, tiny_bert
 
 import layerfuse
+from layerfuse import FusionConfig
 
 H = TINY["hidden_size"]
 B, T = 3, 7
 GENERATOR = torch.Generator().manual_seed(5)
 # Every fixed method, each with its own info shape and positions, at layers 0..3.
 FIXED = [
-    dict(method="addition", info=torch.randn(H, generator=GENERATOR), layer=0, positions="tokens"),
-    dict(method="multiplication", info=1 + torch.randn(B, H, generator=GENERATOR) / 4, layer=1),
-    dict(method="scale", alpha=0.5, layer=1, positions="first"),
-    dict(method="replace", info=torch.randn(B, T, H, generator=GENERATOR), layer=2, positions="last"),
-    dict(method="interpolate", alpha=0.3, info=torch.randn(H, generator=GENERATOR), layer=2, positions=[0, -1]),
-    dict(method="ablate", info=torch.randn(H, generator=GENERATOR), layer=3,
-         positions=torch.rand(B, T, generator=GENERATOR) > 0.5),
-    dict(method="clamp", value=1.5, info=torch.randn(B, H, generator=GENERATOR), layer=3),
-    dict(method="project", info=torch.randn(2, H, generator=GENERATOR), layer=3),
+    (FusionConfig(method="addition", layer=0, positions="tokens"), torch.randn(H, generator=GENERATOR)),
+    (FusionConfig(method="multiplication", layer=1), 1 + torch.randn(B, H, generator=GENERATOR) / 4),
+    (FusionConfig(method="scale", arguments={"alpha": 0.5}, layer=1, positions="first"), None),
+    (FusionConfig(method="replace", layer=2, positions="last"), torch.randn(B, T, H, generator=GENERATOR)),
+    (FusionConfig(method="interpolate", arguments={"alpha": 0.3}, layer=2, positions=[0, -1]),
+     torch.randn(H, generator=GENERATOR)),
+    (FusionConfig(method="ablate", layer=3, positions=torch.rand(B, T, generator=GENERATOR) > 0.5),
+     torch.randn(H, generator=GENERATOR)),
+    (FusionConfig(method="clamp", arguments={"value": 1.5}, layer=3), torch.randn(B, H, generator=GENERATOR)),
+    (FusionConfig(method="project", layer=3), torch.randn(2, H, generator=GENERATOR)),
 ]
 
 
@@ -51,7 +53,7 @@ def last_hidden(model, batch):
 def test_every_fixed_method_by_both_approaches_compiles_in_one_graph_and_matches_eager():
     model, batch = tiny_bert(), padded_batch()
     plain = last_hidden(model, batch)
-    with layerfuse.fuse_many(model, [dict(spec, approach=a) for spec in FIXED for a in ("hook", "layer")]):
+    with layerfuse.fuse_many(model, [(config.replace(approach=a), info) for config, info in FIXED for a in ("hook", "layer")]):
         eager = last_hidden(model, batch)
         compiled = last_hidden(torch.compile(model, fullgraph=True), batch)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
@@ -61,7 +63,7 @@ def test_every_fixed_method_by_both_approaches_compiles_in_one_graph_and_matches
 @pytest.mark.parametrize("approach", ["hook", "layer"])
 def test_no_graph_break(approach):
     model, batch = tiny_bert(), padded_batch()
-    with layerfuse.fuse_many(model, [dict(spec, approach=approach) for spec in FIXED]):
+    with layerfuse.fuse_many(model, [(config.replace(approach=approach), info) for config, info in FIXED]):
         explanation = torch._dynamo.explain(model)(**batch)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1

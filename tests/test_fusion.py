@@ -10,6 +10,7 @@ import torch
 from conftest import TINY, assert_unchanged, snapshot, tiny_bert
 
 import layerfuse
+from layerfuse import FusionConfig
 
 APPROACHES = ["hook", "layer"]
 H = TINY["hidden_size"]
@@ -206,12 +207,12 @@ def test_errors_are_layerfuse_errors_and_builtin_kinds():
 def test_fuse_many_attaches_in_order_and_removes_all(tiny, batch, approach):
     before = snapshot(tiny)
     plain = run(tiny, batch, output_hidden_states=True).hidden_states
-    specs = [
-        dict(info=torch.full((H,), 2.0), layer=2),
-        dict(info=torch.full((H,), 3.0), layer=2, method="multiply"),
-        dict(layer=3, method="scale", alpha=0.5),
+    pairs = [
+        (FusionConfig(layer=2, approach=approach), torch.full((H,), 2.0)),
+        (FusionConfig(layer=2, method="multiply", approach=approach), torch.full((H,), 3.0)),
+        (FusionConfig(layer=3, method="scale", arguments={"alpha": 0.5}, approach=approach), None),
     ]
-    with layerfuse.fuse_many(tiny, specs, approach=approach) as group:
+    with layerfuse.fuse_many(tiny, pairs) as group:
         assert len(group) == 3 and all(f.approach == approach for f in group)
         fused = run(tiny, batch, output_hidden_states=True).hidden_states
         assert torch.equal(fused[2], (plain[2] + 2) * 3)
@@ -224,7 +225,7 @@ def test_fuse_many_attaches_in_order_and_removes_all(tiny, batch, approach):
 def test_fuse_many_checks_every_fusion_before_attaching_any(tiny):
     before = snapshot(tiny)
     with pytest.raises(layerfuse.LayerIndexError, match="layer 9"):
-        layerfuse.fuse_many(tiny, [dict(info=torch.ones(H), layer=1), dict(info=torch.ones(H), layer=9)])
+        layerfuse.fuse_many(tiny, [(FusionConfig(layer=1), torch.ones(H)), (FusionConfig(layer=9), torch.ones(H))])
     assert_unchanged(tiny, before)
 
 

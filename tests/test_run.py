@@ -23,7 +23,8 @@ from transformers import BertConfig, BertModel
 
 import layerfuse
 from layerfuse.cli import main
-from layerfuse.run import Embedder, FusionSpec, embed_corpus
+from layerfuse import FusionConfig
+from layerfuse.run import Embedder, embed_corpus
 from layerfuse.run.corpus import Corpus, Reject, Text
 from layerfuse.run.shards import ShardStore
 
@@ -157,8 +158,7 @@ def test_a_parquet_text_column_must_hold_text(tmp_path):
 def test_bucketed_batches_give_each_text_its_own_fused_embedding_in_input_order(small, pooling):
     texts = sentences(40)
     info = torch.randn(32, generator=torch.Generator().manual_seed(0))
-    spec = FusionSpec(layer=1, info=info)
-    with Embedder.load(small, spec, pooling=pooling, batch_size=8) as embedder:
+    with Embedder.load(small, FusionConfig(layer=1), info, pooling=pooling, batch_size=8) as embedder:
         table = embedder(pa.table({"row": range(40), "text": texts}))
     expected = reference_embeddings(small, texts, layer=1, info=info, pooling=pooling)
     got = table.column("embedding").to_pylist()
@@ -170,7 +170,7 @@ def test_bucketed_batches_give_each_text_its_own_fused_embedding_in_input_order(
 def test_per_row_info_goes_to_its_own_row_whatever_the_batch(small):
     texts = sentences(20, seed=1)
     info = torch.randn(20, 32, generator=torch.Generator().manual_seed(1))
-    with Embedder.load(small, FusionSpec(layer=2, info=info), batch_size=6) as embedder:
+    with Embedder.load(small, FusionConfig(layer=2), info, batch_size=6) as embedder:
         table = embedder(pa.table({"row": range(20), "text": texts}))
     got = numpy.array(table.column("embedding").to_pylist(), numpy.float32)
     numpy.testing.assert_allclose(got, reference_embeddings(small, texts, layer=2, info=info), rtol=1e-4, atol=1e-5)
@@ -217,7 +217,7 @@ def test_a_run_writes_good_rows_in_order_and_lists_the_rejects(small, tmp_path):
     texts = write_corpus(tmp_path / "c.jsonl")
     info = torch.randn(32, generator=torch.Generator().manual_seed(3))
     summary = embed_corpus(
-        tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=FusionSpec(layer=1, info=info),
+        tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=FusionConfig(layer=1), info=info,
         id_column="id", include_text=True, batch_size=4, shard_size=8,
     )
     assert (summary.rows, summary.written, summary.rejected) == (
@@ -263,9 +263,9 @@ def test_a_saved_fusion_runs_like_the_same_fusion_given_by_options(small, tmp_pa
     model, _ = layerfuse.load_model(small)
     with layerfuse.fuse(model, info, layer=1, method="addition", alpha=0.5, positions="tokens") as fusion:
         fusion.save(tmp_path / "fusion")
-    embed_corpus(tmp_path / "c.jsonl", tmp_path / "a.parquet", model=small, fusion=FusionSpec(saved=tmp_path / "fusion"))
-    options = FusionSpec(layer=1, info=info, arguments={"alpha": 0.5}, positions="tokens")
-    embed_corpus(tmp_path / "c.jsonl", tmp_path / "b.parquet", model=small, fusion=options)
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "a.parquet", model=small, saved=tmp_path / "fusion")
+    options = FusionConfig(layer=1, arguments={"alpha": 0.5}, positions="tokens")
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "b.parquet", model=small, fusion=options, info=info)
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
 
 
@@ -353,7 +353,7 @@ def test_a_saved_fusion_at_token_indices_is_refused(small, tmp_path):
         fusion.save(tmp_path / "fusion")
     (tmp_path / "c.txt").write_text("a text\n")
     with pytest.raises(layerfuse.ArgumentValueError, match="fuses at token indices or a mask, which depend on"):
-        embed_corpus(tmp_path / "c.txt", tmp_path / "out.parquet", model=small, fusion=FusionSpec(saved=tmp_path / "fusion"))
+        embed_corpus(tmp_path / "c.txt", tmp_path / "out.parquet", model=small, saved=tmp_path / "fusion")
 
 
 # Kill and resume

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from layerfuse.cli import main
-from layerfuse.run import FusionSpec, embed_corpus
+from layerfuse import FusionConfig
+from layerfuse.run import embed_corpus
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'layerfuse[ray]' (CI installs it)")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
@@ -44,7 +45,7 @@ def test_the_ray_engine_writes_the_local_engines_rows(tmp_path, capsys):
     try:
         local = embed_corpus(
             tmp_path / "c.jsonl", tmp_path / "local.parquet", id_column="id", include_text=True, batch_size=8,
-            shard_size=16, fusion=FusionSpec(layer=3, info=info, arguments={"alpha": 10.0}),
+            shard_size=16, fusion=FusionConfig(layer=3, arguments={"alpha": 10.0}), info=info,
         )
     finally:
         torch.set_num_threads(threads)

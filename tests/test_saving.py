@@ -49,14 +49,14 @@ def test_save_then_load_round_trips_bitwise(tmp_path, tiny, batch, case, approac
             assert torch.equal(fresh(**batch).last_hidden_state, expected)
     assert_unchanged(tiny, before)
     config = json.loads((tmp_path / "fusion_config.json").read_text())
-    assert config["format_version"] == 1 and config["layer"] == 2 and config["hidden_size"] == H
+    assert config["format_version"] == 2 and config["fusion"]["layer"] == 2 and config["model"]["hidden_size"] == H
     assert load_file(tmp_path / "fusion.safetensors").keys() >= {f"method.{k}" for k in loaded.method.state_dict()}
 
 
 def test_load_can_change_approach_and_info(tmp_path, tiny, batch):
     with layerfuse.fuse(tiny, torch.randn(H), layer=1) as fusion:
         fusion.save(tmp_path)
-    with layerfuse.load_fusion(tmp_path, tiny, approach="layer", info=torch.ones(H)) as loaded:
+    with layerfuse.load_fusion(tmp_path, tiny, config=layerfuse.load_config(tmp_path).replace(approach="layer"), info=torch.ones(H)) as loaded:
         assert loaded.approach == "layer" and torch.equal(loaded.info.source, torch.ones(H))
 
 
@@ -67,8 +67,12 @@ def save_addition(tmp_path, tiny):
 
 
 def edit_config(folder, **changes):
+    """Change keys of the saved config: the format version, the fusion's fields or the model's facts."""
     path = folder / "fusion_config.json"
-    config = json.loads(path.read_text()) | changes
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        part = config if key == "format_version" else config["model"] if key == "hidden_size" else config["fusion"]
+        part[key] = value
     path.write_text(json.dumps(config))
 
 
@@ -77,7 +81,7 @@ BAD_FILES = {
     "no tensors": (lambda f: (f / "fusion.safetensors").unlink(), "fusion.safetensors is missing"),
     "config not JSON": (lambda f: (f / "fusion_config.json").write_text("{oops"), "not valid JSON"),
     "tensors corrupt": (lambda f: (f / "fusion.safetensors").write_bytes(b"\x00" * 16), "not a valid safetensors file"),
-    "newer format": (lambda f: edit_config(f, format_version=2), "format version 2; this layerfuse reads version 1"),
+    "newer format": (lambda f: edit_config(f, format_version=3), "format version 3; this layerfuse reads versions 1 and 2"),
     "unknown method": (lambda f: edit_config(f, method="telepathy"), "'telepathy', which is not registered"),
     "other hidden size": (lambda f: edit_config(f, hidden_size=64), "saved for hidden size 64, this model's is 32"),
     "bad arguments": (lambda f: edit_config(f, arguments={"beta": 1}), "does not rebuild a Addition"),
@@ -89,7 +93,7 @@ BAD_FILES = {
 def edit_config_drop(folder, key):
     path = folder / "fusion_config.json"
     config = json.loads(path.read_text())
-    del config[key]
+    del config["fusion"][key]
     path.write_text(json.dumps(config))
 
 

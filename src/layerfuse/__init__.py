@@ -3,11 +3,13 @@
 >>> import torch, layerfuse
 >>> from transformers import BertConfig, BertModel
 >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)).eval()
->>> with layerfuse.fuse(model, torch.randn(32), layer=1, method="addition", approach="layer"):
+>>> config = layerfuse.FusionConfig(layer=1, method="addition", approach="layer")
+>>> with layerfuse.fuse(model, torch.randn(32), config):
 ...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
 """
 
 from .compare import Comparison, compare
+from .config import FusionConfig
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
@@ -41,7 +43,7 @@ from .methods import (
     register_method,
 )
 from .models import load_model
-from .saving import load_fusion
+from .saving import load_config, load_fusion
 from .sweep import sweep
 from .training import train
 
@@ -59,6 +61,7 @@ __all__ = [
     "FileFormatError",
     "Film",
     "Fusion",
+    "FusionConfig",
     "FusionGroup",
     "FusionStateError",
     "Gate",
@@ -78,6 +81,7 @@ __all__ = [
     "compare",
     "fuse",
     "fuse_many",
+    "load_config",
     "load_fusion",
     "load_model",
     "register_method",

@@ -18,13 +18,14 @@ from transformers.utils import logging as transformers_logging
 
 from .bench import SHAPES, THREADS, bench, plot, require_matplotlib
 from .compare import DEFAULT_TEXTS, compare
-from .errors import LayerfuseError
-from .info import read_info
-from .methods import INFO_SHAPES, METHODS, method_names, method_parameters
+from .config import FusionConfig
+from .errors import ArgumentValueError, LayerfuseError
+from .info import LAYOUTS, read_info
+from .methods import METHODS, method_names, method_parameters
 from .models import load_model
 from .positions import NAMED, PositionsLike
 from .run import ENGINES, POOLINGS, embed_corpus
-from .run.spec import fusion_spec
+from .saving import load_config
 from .sites import find_blocks, site_table
 from .sweep import sweep_report, write_outputs
 
@@ -72,7 +73,7 @@ def methods_table() -> str:
             key if p.default is p.empty else f"{key}={p.default!r}" for key, p in method_parameters(cls).items()
         )
         kind = "learned; " if cls.learned else ""
-        rows.append((aliases[name], cls.formula, INFO_SHAPES[cls.info_layout], kind + (arguments or "-")))
+        rows.append((aliases[name], cls.formula, LAYOUTS[cls.info_layout].shapes, kind + (arguments or "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows
@@ -288,22 +289,37 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if result.identical else 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    method_arguments = _method_arguments(args)
-    fusion = fusion_spec(
-        layer=args.layer,
-        saved=args.fusion,
-        method=args.method,
-        arguments=method_arguments,
-        info=read_info(args.info) if args.info else None,
-        approach=args.approach,
-        positions=args.positions,
+def run_fusion_options(args: argparse.Namespace) -> FusionConfig | None:
+    """The `FusionConfig` that run's options name: by --layer, or --fusion's with --approach; None for neither."""
+    given = {
+        "method": args.method, "arguments": _method_arguments(args) or None, "approach": args.approach,
+        "positions": args.positions,
+    }
+    if args.fusion is not None:
+        if args.layer is not None or any(given[key] is not None for key in ("method", "arguments", "positions")):
+            raise ArgumentValueError(
+                "a saved fusion brings its own layer, method, arguments and positions: give none of them with --fusion"
+            )
+        return None if args.approach is None else load_config(args.fusion).replace(approach=args.approach)
+    if args.layer is None:
+        named = [name for name, value in given.items() if value is not None] + (["info"] if args.info else [])
+        if named:
+            raise ArgumentValueError(f"fusion options ({', '.join(named)}) need --layer or --fusion")
+        return None
+    return FusionConfig(
+        layer=args.layer, method=args.method or "addition", arguments=given["arguments"] or {},
+        approach=args.approach or "hook", positions=args.positions or "all",
     )
+
+
+def _run(args: argparse.Namespace) -> int:
     summary = embed_corpus(
         args.input,
         args.output,
         model=args.model,
-        fusion=fusion,
+        fusion=run_fusion_options(args),
+        info=read_info(args.info) if args.info else None,
+        saved=args.fusion,
         text_column=args.text_column,
         id_column=args.id_column,
         include_text=args.include_text,

@@ -4,7 +4,7 @@
 >>> from transformers import BertConfig, BertModel
 >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)).eval()
 >>> ids = torch.tensor([[1, 2, 3]])
->>> with fuse(model, torch.ones(32), layer=1, method="add") as fusion:
+>>> with fuse(model, torch.ones(32), FusionConfig(layer=1, method="add")) as fusion:
 ...     fused = model(ids, output_hidden_states=True).hidden_states[1]
 >>> plain = model(ids, output_hidden_states=True).hidden_states[1]
 >>> torch.equal(fused, plain + 1)
@@ -14,7 +14,7 @@ True
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from .approaches import APPROACHES, Arguments, Detach
-from .errors import ArchitectureError, UnknownNameError
+from .config import FusionConfig, config_or_keywords
+from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
 from .info import Info
-from .methods import Method, make_method
+from .methods import METHODS, Method, make_method
 from .outputs import split_output
 from .positions import Positions, PositionsLike
 from .sites import Site, resolve_site
@@ -55,6 +56,25 @@ class Fusion:
     def layer(self) -> int | None:
         """The index that `hidden_states` gives the fused tensor (None for a site named by module)."""
         return self.site.layer
+
+    @property
+    def config(self) -> FusionConfig:
+        """The `FusionConfig` that rebuilds this fusion (with its info and, for a learned method, its parameters)."""
+        name = self.method.method_name
+        if METHODS.get(name) is not type(self.method):
+            raise ArgumentValueError(
+                f"a {type(self.method).__name__} fusion has no config: register the method with "
+                "layerfuse.register_method so that a config can name it"
+            )
+        named = self.site.kind == "module"
+        return FusionConfig(
+            method=name,
+            arguments=self.method.arguments(),
+            layer=None if named else self.site.layer,
+            site=self.site.name if named else self.site.kind,
+            approach=self.approach,
+            positions=self.positions.mask if self.positions.mask is not None else self.positions.value,
+        )
 
     @property
     def active(self) -> bool:
@@ -149,60 +169,56 @@ class Fusion:
 
 
 def prepare_fusion(
-    model: nn.Module,
-    info: torch.Tensor | None = None,
-    *,
-    layer: int | None = None,
-    site: str = "output",
-    method: str | Method = "addition",
-    approach: str = "hook",
-    positions: PositionsLike = "all",
-    **method_arguments: Any,
+    model: nn.Module, info: torch.Tensor | None, config: FusionConfig, *, method: Method | None = None
 ) -> Fusion:
-    """Check everything and build the `Fusion` that `fuse` attaches; the model is not touched."""
-    if not isinstance(approach, str) or approach not in APPROACHES:
-        raise UnknownNameError(f"unknown approach {approach!r}: use one of {', '.join(APPROACHES)}")
-    where = resolve_site(model, layer=layer, site=site)
+    """Check everything and build the `Fusion` that `fuse` attaches; the model is not touched.
+
+    `method`, an instance, takes the place of the one the config names (a trained or loaded one).
+    """
+    where = resolve_site(model, layer=config.layer, site=config.site)
     hidden_size = model.config.hidden_size
     info_size = info.shape[-1] if isinstance(info, torch.Tensor) and info.ndim else None
-    fusion_method = make_method(method, hidden_size=hidden_size, info_size=info_size, **method_arguments)
+    fusion_method = method or make_method(config.method, config.arguments, hidden_size=hidden_size, info_size=info_size)
     fusion_info = Info(
         info, layout=fusion_method.info_layout, size=fusion_method.info_dim(hidden_size), prepare=fusion_method.prepare
     )
-    fusion_positions = Positions(positions)
+    fusion_positions = Positions(config.positions)
     if fusion_positions.needs_attention_mask:
         attention_mask_index(model)
     weight = next(model.parameters(), None)
     if weight is not None:
         fusion_method.to(device=weight.device, dtype=weight.dtype)
         fusion_info.to(weight.dtype, weight.device)
-    return Fusion(model, where, fusion_method, fusion_info, approach, fusion_positions)
+    return Fusion(model, where, fusion_method, fusion_info, config.approach, fusion_positions)
 
 
 def fuse(
     model: nn.Module,
     info: torch.Tensor | None = None,
+    config: FusionConfig | None = None,
     *,
     layer: int | None = None,
-    site: str = "output",
-    method: str | Method = "addition",
-    approach: str = "hook",
-    positions: PositionsLike = "all",
+    site: str | None = None,
+    method: str | Method | None = None,
+    approach: str | None = None,
+    positions: PositionsLike | None = None,
     **method_arguments: Any,
 ) -> Fusion:
-    """Combine `info` into `layer` of `model` in every forward, until removed.
+    """Combine `info` into a layer of `model` in every forward, as `config` says, until removed.
 
+    The keywords are a shortcut for a `FusionConfig` of the same fields (give one or the other):
     `layer=k` is what `output_hidden_states` reports as `hidden_states[k]` (0: embeddings, -1: the
-    last). `site` is "output" (that tensor), "input", "attention" or "mlp" of block k, "embeddings",
-    or a module's dotted name (then no layer). `method` is a registered name (see
-    `layerfuse.METHODS`), with its arguments as keywords (`alpha=0.5`), or a `Method`. `info` has
-    the shapes the method takes: for most, (H,), (B, H) or (B, T, H). `approach` is "hook" or
-    "layer"; `positions` is "all", "tokens", "first", "last", token indices or a (B, T) mask.
-    Everything is checked before the model is touched.
+    last); `site` is "output" (default: that tensor), "input", "attention" or "mlp" of block k,
+    "embeddings", or a module's dotted name (then no layer); `method` is a registered name (default
+    "addition"; see `layerfuse.METHODS`) with its arguments as keywords (`alpha=0.5`), or a `Method`
+    instance; `approach` is "hook" (default) or "layer"; `positions` is "all" (default), "tokens",
+    "first", "last", token indices or a (B, T) mask. `info` has the shapes the method takes: for
+    most, (H,), (B, H) or (B, T, H). Everything is checked before the model is touched.
     """
-    return prepare_fusion(
-        model, info, layer=layer, site=site, method=method, approach=approach, positions=positions, **method_arguments
-    ).attach()
+    config, instance = config_or_keywords(
+        config, layer=layer, site=site, method=method, approach=approach, positions=positions, **method_arguments
+    )
+    return prepare_fusion(model, info, config, method=instance).attach()
 
 
 class FusionGroup(Sequence[Fusion]):
@@ -232,17 +248,24 @@ class FusionGroup(Sequence[Fusion]):
         self.remove()
 
 
-def fuse_many(model: nn.Module, fusions: Sequence[Mapping[str, Any]], **defaults: Any) -> FusionGroup:
-    """Attach several fusions at once, each given as `fuse`'s keyword arguments (`defaults` fill gaps).
+def fuse_many(
+    model: nn.Module, fusions: Sequence[tuple[FusionConfig, torch.Tensor | None]]
+) -> FusionGroup:
+    """Attach several fusions at once, each a `(config, info)` pair; all are checked before any is attached.
 
-    All are checked before any is attached; on one module they apply in the order given.
+    On one module they apply in the order given.
 
     >>> import torch
     >>> from transformers import BertConfig, BertModel
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
-    >>> with fuse_many(model, [dict(info=torch.ones(32), layer=1), dict(layer=2, method="scale", alpha=0.5)]) as group:
+    >>> pairs = [(FusionConfig(layer=1), torch.ones(32)), (FusionConfig(layer=2, method="scale", arguments={"alpha": 0.5}), None)]
+    >>> with fuse_many(model, pairs) as group:
     ...     len(group)
     2
     """
-    prepared = [prepare_fusion(model, **{**defaults, **dict(spec)}) for spec in fusions]
+    pairs = list(fusions)
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], FusionConfig)):
+            raise ArgumentTypeError(f"fuse_many takes (FusionConfig, info) pairs, got a {type(pair).__name__}")
+    prepared = [prepare_fusion(model, info, config) for config, info in pairs]
     return FusionGroup([fusion.attach() for fusion in prepared])

@@ -1,12 +1,14 @@
-"""What is combined: check info once, then cast, prepare and shape it for the hidden states (B, T, H).
+"""What is combined: info layouts, and info checked once, then cast, prepared and shaped for the hidden states (B, T, H).
 
-A method's `info_layout` says which shapes it takes. For "vector" methods, (D,) applies to every
+A method's `info_layout` names one of `LAYOUTS`. For "vector" methods, (D,) applies to every
 example and token, (B, D) to each example's tokens, (B, T, D) token by token. "basis" and "sequence"
 methods take (K, D) for every example or (B, K, D) per example. D is the method's `info_dim(H)`.
 
 >>> import torch
 >>> Info(torch.ones(4, 8), layout="vector", size=8).tensor.shape
 torch.Size([4, 1, 8])
+>>> LAYOUTS["basis"].shapes, LAYOUTS["vector"].is_batched(2)
+('(K, D) or (B, K, D)', True)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -22,9 +25,69 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import FileFormatError, InfoShapeError, InfoTypeError, InfoValueError
-from .methods import INFO_SHAPES
 
-RANKS = {"vector": (1, 2, 3), "basis": (2, 3), "sequence": (2, 3)}
+
+@dataclass(frozen=True)
+class InfoLayout:
+    """The shapes a kind of info takes: its ranks, the ranks that carry a batch or a token dimension, an example."""
+
+    name: str
+    ranks: tuple[int, ...]
+    shapes: str
+    batched: tuple[int, ...] = ()
+    per_token: tuple[int, ...] = ()
+    example: tuple[int, ...] = ()
+
+    def is_batched(self, rank: int) -> bool:
+        """Whether info of this rank has one row per example, first."""
+        return rank in self.batched
+
+    def is_per_token(self, rank: int) -> bool:
+        """Whether info of this rank has one row per token, second (after the batch)."""
+        return rank in self.per_token
+
+    def check(self, shape: tuple[int, ...], size: int, what: str = "info") -> None:
+        """Refuse `shape` unless it is one of the layout's, with last dimension `size`."""
+        if len(shape) not in self.ranks or shape[-1] != size:
+            raise InfoShapeError(f"{what} must have shape {self.shapes} with D = {size}, got {tuple(shape)}")
+
+    def example_shape(self, size: int) -> tuple[int, ...] | None:
+        """A shape of info for every example (seeded random info of the commands); None: no info."""
+        return None if not self.ranks else (*self.example, size)
+
+    def broadcastable(self, info: torch.Tensor) -> torch.Tensor:
+        """`info` shaped to broadcast against hidden states (B, T, H): (B, D) gains a token dimension."""
+        if self.per_token and self.is_batched(info.ndim) and not self.is_per_token(info.ndim):
+            return info.unsqueeze(1)
+        return info
+
+    def stacked_per_example(self, infos: torch.Tensor, batch: int) -> torch.Tensor:
+        """C infos stacked along a first dimension as one info for a batch of `batch` examples repeated C times.
+
+        >>> LAYOUTS["vector"].stacked_per_example(torch.arange(2.0)[:, None], 3).flatten().tolist()
+        [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+        """
+        if self.is_batched(infos.ndim - 1):
+            return infos.flatten(0, 1)
+        return infos.repeat_interleave(batch, dim=0)
+
+
+LAYOUTS: dict[str, InfoLayout] = {
+    "vector": InfoLayout("vector", (1, 2, 3), "(D,), (B, D) or (B, T, D)", batched=(2, 3), per_token=(3,)),
+    "basis": InfoLayout("basis", (2, 3), "(K, D) or (B, K, D)", batched=(3,), example=(2,)),
+    "sequence": InfoLayout("sequence", (2, 3), "(K, D) or (B, K, D)", batched=(3,), example=(2,)),
+    "none": InfoLayout("none", (), "no info (None)"),
+}
+
+
+def example_info(layout: str, size: int, *, seed: int) -> torch.Tensor | None:
+    """Seeded standard-normal info of `layout` with D = `size`, for every example: (D,) or (2, D); None for "none".
+
+    >>> example_info("basis", 4, seed=0).shape
+    torch.Size([2, 4])
+    """
+    shape = LAYOUTS[layout].example_shape(size)
+    return None if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _check_finite(info: torch.Tensor) -> None:
@@ -60,21 +123,18 @@ class Info:
             )
         if not info.is_floating_point():
             raise InfoTypeError(f"info must be a floating-point tensor, got dtype {info.dtype}: use info.float()")
-        if info.ndim not in RANKS[layout] or info.shape[-1] != size:
-            raise InfoShapeError(
-                f"info must have shape {INFO_SHAPES[layout]} with D = {size}, got {tuple(info.shape)}"
-            )
+        shapes = LAYOUTS[layout]
+        shapes.check(tuple(info.shape), size)
         _check_finite(info)
         self.source = info.clone() if info.requires_grad else info.detach().clone()
-        if info.ndim == max(RANKS[layout]) or (layout == "vector" and info.ndim == 2):
+        if shapes.is_batched(info.ndim):
             self.batch_size = info.shape[0]
-        if layout == "vector" and info.ndim == 3:
+        if shapes.is_per_token(info.ndim):
             self.seq_len = info.shape[1]
         self.tensor = self._shaped(self.source)
 
     def _shaped(self, info: torch.Tensor) -> torch.Tensor:
-        info = self.prepare(info)
-        return info.unsqueeze(1) if self.layout == "vector" and info.ndim == 2 else info
+        return LAYOUTS[self.layout].broadcastable(self.prepare(info))
 
     def to(self, dtype: torch.dtype, device: torch.device) -> None:
         """Cast and prepare the info for `dtype` on `device` (a no-op when it is there already)."""

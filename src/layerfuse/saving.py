@@ -1,8 +1,10 @@
 """Save a fusion to a folder and load it back onto a model, in the PEFT `save_pretrained` manner.
 
-The folder holds `fusion_config.json` (format version, method and its arguments, layer, site, approach,
-positions, the model's hidden size) and `fusion.safetensors` (the method's parameters, the info and
-a positions mask if there is one). Loading checks everything before the model is touched.
+The folder holds `fusion_config.json` — the format version, the fusion's `FusionConfig` (under
+"fusion") and facts about the model it was made for (under "model": hidden size, model type) — and
+`fusion.safetensors` (the method's parameters, the info and a positions mask if there is one).
+Folders of format version 1, whose config fields stand at the top level, load too. Loading checks
+everything before the model is touched.
 
 >>> import tempfile, torch
 >>> from layerfuse import fuse, load_fusion
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +31,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import FileFormatError, LayerfuseError
-from .fusion import fuse
-from .methods import METHODS
+from .config import FIELDS, FusionConfig
+from .errors import FileFormatError, LayerfuseError, UnknownNameError
+from .fusion import prepare_fusion
+from .methods import METHODS, canonical_name
 
 if TYPE_CHECKING:
     from .fusion import Fusion
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
 CONFIG_NAME = "fusion_config.json"
 WEIGHTS_NAME = "fusion.safetensors"
 
@@ -55,14 +60,11 @@ def save_fusion(fusion: Fusion, directory: str | os.PathLike[str]) -> Path:
         tensors["positions"] = fusion.positions.mask.contiguous()
     config = {
         "format_version": FORMAT_VERSION,
-        "method": name,
-        "arguments": fusion.method.arguments(),
-        "layer": fusion.layer,
-        "site": fusion.site.name if fusion.site.kind == "module" else fusion.site.kind,
-        "approach": fusion.approach,
-        "positions": fusion.positions.to_json(),
-        "hidden_size": fusion.model.config.hidden_size,
-        "model_type": getattr(fusion.model.config, "model_type", None),
+        "fusion": fusion.config.to_dict(),
+        "model": {
+            "hidden_size": fusion.model.config.hidden_size,
+            "model_type": getattr(fusion.model.config, "model_type", None),
+        },
     }
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,68 +78,97 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         if not (folder / name).is_file():
             raise FileFormatError(f"{folder} is not a saved fusion: {name} is missing")
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
+        data = json.loads((folder / CONFIG_NAME).read_text())
         tensors = load_file(folder / WEIGHTS_NAME)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FileFormatError(f"{folder / CONFIG_NAME} is not valid JSON: {error}") from error
     except SafetensorError as error:
         raise FileFormatError(f"{folder / WEIGHTS_NAME} is not a valid safetensors file: {error}") from error
-    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
-        found = config.get("format_version") if isinstance(config, dict) else None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if type(version) is not int or version not in READS:
         raise FileFormatError(
-            f"{folder / CONFIG_NAME} has format version {found!r}; this layerfuse reads version {FORMAT_VERSION}"
+            f"{folder / CONFIG_NAME} has format version {version!r}; this layerfuse reads versions "
+            f"{' and '.join(map(str, READS))}"
         )
-    missing = [key for key in ("method", "arguments", "layer", "approach", "positions", "hidden_size") if key not in config]
+    if version == 1:
+        data = {
+            "fusion": {"site": "output", **{key: data[key] for key in FIELDS if key in data}},
+            "model": {key: data[key] for key in ("hidden_size", "model_type") if key in data},
+        }
+    fusion, model = data.get("fusion"), data.get("model")
+    if not isinstance(fusion, Mapping) or not isinstance(model, Mapping):
+        raise FileFormatError(f"{folder / CONFIG_NAME} lacks its 'fusion' or 'model' object")
+    missing = [key for key in FIELDS if key not in fusion and key != "site"]
+    missing += [key for key in ("hidden_size",) if key not in model]
     if missing:
         raise FileFormatError(f"{folder / CONFIG_NAME} lacks {', '.join(missing)}")
-    return config, tensors
+    return data, tensors
+
+
+def load_config(directory: str | os.PathLike[str]) -> FusionConfig:
+    """The `FusionConfig` of the fusion saved in `directory`, checked; no model needed."""
+    return _saved(Path(directory))[0]
+
+
+def read_fusion(directory: str | os.PathLike[str]) -> tuple[FusionConfig, torch.Tensor | None]:
+    """The `FusionConfig` and the info (None if it has none) saved in `directory`; no model needed."""
+    config, tensors, _ = _saved(Path(directory))
+    return config, tensors.get("info")
+
+
+def _saved(folder: Path) -> tuple[FusionConfig, dict[str, torch.Tensor], Mapping[str, Any]]:
+    data, tensors = _read(folder)
+    fusion = data["fusion"]
+    try:
+        cls = METHODS[canonical_name(fusion["method"])]
+    except (UnknownNameError, TypeError):
+        raise FileFormatError(
+            f"the fusion in {folder} uses method {fusion['method']!r}, which is not registered: "
+            f"register it first, or use one of {', '.join(METHODS)}"
+        ) from None
+    try:
+        config = FusionConfig.from_dict(fusion, mask=tensors.get("positions"))
+    except (LayerfuseError, TypeError) as error:
+        raise FileFormatError(f"the fusion in {folder} does not rebuild a {cls.__name__}: {error}") from error
+    return config, tensors, data["model"]
 
 
 def load_fusion(
     directory: str | os.PathLike[str],
     model: nn.Module,
     *,
-    approach: str | None = None,
+    config: FusionConfig | None = None,
     info: torch.Tensor | None = None,
 ) -> Fusion:
     """Rebuild the fusion saved in `directory` and attach it to `model`.
 
-    `approach` overrides the saved one; `info` replaces the saved info (e.g. a new batch's).
+    `config` takes the place of the saved one (the same method, e.g.
+    `load_config(directory).replace(approach="layer")`); `info` replaces the saved info (e.g. a new batch's).
     """
     folder = Path(directory)
-    config, tensors = _read(folder)
+    saved, tensors, facts = _saved(folder)
     hidden_size = model.config.hidden_size
-    if config["hidden_size"] != hidden_size:
+    if facts["hidden_size"] != hidden_size:
         raise FileFormatError(
-            f"the fusion in {folder} was saved for hidden size {config['hidden_size']}, "
+            f"the fusion in {folder} was saved for hidden size {facts['hidden_size']!r}, "
             f"this model's is {hidden_size}"
         )
-    cls = METHODS.get(config["method"])
-    if cls is None:
+    config = saved if config is None else config
+    if config.method != saved.method or dict(config.arguments) != dict(saved.arguments):
         raise FileFormatError(
-            f"the fusion in {folder} uses method {config['method']!r}, which is not registered: "
-            f"register it first, or use one of {', '.join(METHODS)}"
+            f"the fusion in {folder} is {saved.method} with {dict(saved.arguments)}: a config that replaces "
+            f"its config must keep that method and those arguments, got {config.method} with {dict(config.arguments)}"
         )
+    cls = METHODS[config.method]
     try:
-        method = cls(**config["arguments"])
+        method = cls(**config.arguments)
         method.load_state_dict(
             {key.removeprefix("method."): value for key, value in tensors.items() if key.startswith("method.")}
         )
     except (TypeError, RuntimeError, LayerfuseError) as error:
         raise FileFormatError(f"the fusion in {folder} does not rebuild a {cls.__name__}: {error}") from error
-    positions = tensors["positions"] if config["positions"] is None and "positions" in tensors else config["positions"]
-    if positions is None:
-        raise FileFormatError(f"{folder / WEIGHTS_NAME} lacks the positions mask its config refers to")
     if info is None:
         info = tensors.get("info")
         if info is None and method.info_layout != "none":
             raise FileFormatError(f"{folder / WEIGHTS_NAME} lacks the info tensor: pass info=")
-    return fuse(
-        model,
-        info,
-        layer=config["layer"],
-        site=config.get("site", "output"),
-        method=method,
-        approach=approach or config["approach"],
-        positions=positions,
-    )
+    return prepare_fusion(model, info, config, method=method).attach()

@@ -186,20 +186,21 @@ def _first_input(module: nn.Module) -> str:
     return parameters[1] if len(parameters) > 1 else "hidden_states"
 
 
-def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "output") -> Site:
-    """Resolve `layer` and `site` to the module and point that a fusion edits."""
+def check_site(layer: int | None, site: str) -> int | None:
+    """Check what can be checked of `layer` and `site` without the model; return the layer ("embeddings": 0).
+
+    >>> check_site(None, "embeddings"), check_site(None, "encoder.layer.0")
+    (0, None)
+    """
     if not isinstance(site, str):
         raise ArgumentTypeError(f"site must be a string, got {type(site).__name__}")
     if site not in SITES:
-        module = _get(model, site)
-        if module is None:
-            raise ArgumentValueError(
-                f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer, "
-                "or the dotted name of a module of the model (see `layerfuse inspect`)"
-            )
         if layer is not None:
-            raise ArgumentValueError(f"site {site!r} is a module name: it takes no layer (got layer={layer})")
-        return Site(layer=None, kind="module", name=site, module=module)
+            raise ArgumentValueError(
+                f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer; "
+                f"if {site!r} is a module name, it takes no layer (got layer={layer})"
+            )
+        return None
     if site == "embeddings":
         if layer not in (None, 0):
             raise ArgumentValueError(f"site 'embeddings' is layer 0, got layer={layer}")
@@ -208,6 +209,20 @@ def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "out
         raise ArgumentValueError(f"site {site!r} needs a layer")
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ArgumentTypeError(f"layer must be an int, got {type(layer).__name__} {layer!r}")
+    return layer
+
+
+def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "output") -> Site:
+    """Resolve `layer` and `site` to the module and point that a fusion edits."""
+    layer = check_site(layer, site)
+    if site not in SITES:
+        module = _get(model, site)
+        if module is None:
+            raise ArgumentValueError(
+                f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer, "
+                "or the dotted name of a module of the model (see `layerfuse inspect`)"
+            )
+        return Site(layer=None, kind="module", name=site, module=module)
     blocks = find_blocks(model)
     count = len(blocks)
     if not -(count + 1) <= layer <= count:

@@ -39,9 +39,10 @@ from torch import nn
 
 from .compare import DEFAULT_TEXTS
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FileFormatError, InfoShapeError, positive_int
+from .config import FusionConfig, config_or_keywords
 from .fusion import Fusion, prepare_fusion
-from .info import RANKS
-from .methods import INFO_SHAPES, Method, make_method
+from .info import LAYOUTS
+from .methods import Method, make_method
 from .models import load_model, model_label
 from .outputs import Rebuild, split_output
 from .positions import PositionsLike
@@ -62,24 +63,34 @@ def sweep(
     model: nn.Module,
     inputs: Mapping[str, Any],
     infos: torch.Tensor | Sequence[torch.Tensor],
+    config: FusionConfig | None = None,
     *,
-    layer: int,
-    method: str | Method = "addition",
-    positions: PositionsLike = "all",
+    layer: int | None = None,
+    method: str | Method | None = None,
+    positions: PositionsLike | None = None,
     chunk_size: int | None = None,
     **method_arguments: Any,
 ) -> torch.Tensor:
-    """The model's first output (`last_hidden_state` for a base model) with each info fused at `layer`.
+    """The model's first output (`last_hidden_state` for a base model) with each info fused as `config` says.
 
-    `inputs` are the keyword arguments of one forward (a tokenizer's output), every tensor with the
+    The fusion is a `FusionConfig` at a layer's output, or its fields as keywords, as `fuse` takes
+    them. `inputs` are the keyword arguments of one forward (a tokenizer's output), every tensor with the
     batch B first. `infos` is a tensor (K, ...) or a sequence of K tensors, each of a shape that
-    `fuse(model, info, layer=layer, method=method)` takes, such as (H,), (B, H) or (B, T, H).
+    `fuse(model, info, config)` takes, such as (H,), (B, H) or (B, T, H).
     Returns a tensor (K, B, ...): item i is what `model(**inputs)` gives under that fusion with
     `infos[i]`, computed without gradients. `chunk_size` caps the infos run together in one pass
     (default: as many as fit in `CHUNK_TOKENS` for the model's device). Everything is checked before the model runs;
     the model is left as it was.
     """
-    site = resolve_site(model, layer=layer)
+    config, instance = config_or_keywords(
+        config, layer=layer, method=method, positions=positions, **method_arguments
+    )
+    if config.site not in ("output", "embeddings"):
+        raise ArgumentValueError(
+            f"sweep fuses the output of a layer (site 'output'), not site {config.site!r}: "
+            "run a fused forward per info with layerfuse.fuse instead"
+        )
+    site = resolve_site(model, layer=config.layer, site=config.site)
     if site.call is not None:
         raise ArchitectureError(
             f"sweep cannot replay {site.name}: it is one block shared by several layers; "
@@ -88,22 +99,24 @@ def sweep(
     batch, tokens = _batch_shape(inputs)
     stacked = _stack(infos)
     hidden_size = model.config.hidden_size
-    fusion_method = make_method(method, hidden_size=hidden_size, info_size=stacked.shape[-1], **method_arguments)
+    fusion_method = instance or make_method(
+        config.method, config.arguments, hidden_size=hidden_size, info_size=stacked.shape[-1]
+    )
     if fusion_method.info_layout == "none":
         name = fusion_method.method_name or type(fusion_method).__name__
         raise ArgumentValueError(f"method {name!r} takes no info, so there is nothing to sweep: use a method that takes info")
     per_example = _per_example(stacked, fusion_method.info_layout, fusion_method.info_dim(hidden_size), batch, tokens)
-    if isinstance(positions, torch.Tensor) and positions.ndim == 2 and tuple(positions.shape) != (batch, tokens):
-        raise InfoShapeError(f"the positions mask is {tuple(positions.shape)} but inputs are ({batch}, {tokens})")
+    mask = config.positions if isinstance(config.positions, torch.Tensor) else None
+    if mask is not None and tuple(mask.shape) != (batch, tokens):
+        raise InfoShapeError(f"the positions mask is {tuple(mask.shape)} but inputs are ({batch}, {tokens})")
     size = _chunk_size(chunk_size, len(stacked), batch * tokens, _device_type(model))
     starts = range(0, len(stacked), size)
     fusions = [
         prepare_fusion(
             model,
             per_example(stacked[start : start + size]),
-            layer=layer,
+            config if mask is None else config.replace(positions=mask.repeat(min(size, len(stacked) - start), 1)),
             method=fusion_method,
-            positions=_repeated(positions, min(size, len(stacked) - start)),
         )
         for start in starts
     ]
@@ -261,26 +274,16 @@ def _per_example(
     stacked: torch.Tensor, layout: str, size: int, batch: int, tokens: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Check the shape of each info; return how a chunk of C infos becomes one info for the batch repeated C times."""
-    shape = tuple(stacked.shape[1:])
-    if len(shape) not in RANKS[layout] or shape[-1] != size:
-        raise InfoShapeError(
-            f"each info must have shape {INFO_SHAPES[layout]} with D = {size}, got {shape} "
-            f"(infos of shape {tuple(stacked.shape)})"
-        )
-    if len(shape) == min(RANKS[layout]):
-        return lambda chunk: chunk.repeat_interleave(batch, dim=0)
-    if shape[0] != batch:
+    shapes, shape = LAYOUTS[layout], tuple(stacked.shape[1:])
+    shapes.check(shape, size, what=f"each info (of infos {tuple(stacked.shape)})")
+    if shapes.is_batched(len(shape)) and shape[0] != batch:
         raise InfoShapeError(
             f"each info is for a batch of {shape[0]} but inputs have {batch} examples: "
             "give each info without a batch dimension to use it for every example"
         )
-    if layout == "vector" and len(shape) == 3 and shape[1] != tokens:
+    if shapes.is_per_token(len(shape)) and shape[1] != tokens:
         raise InfoShapeError(f"each info is for {shape[1]} tokens but inputs have {tokens}")
-    return lambda chunk: chunk.flatten(0, 1)
-
-
-def _repeated(positions: PositionsLike, count: int) -> PositionsLike:
-    return positions.repeat(count, 1) if isinstance(positions, torch.Tensor) and positions.ndim == 2 else positions
+    return lambda chunk: shapes.stacked_per_example(chunk, batch)
 
 
 def _device_type(model: nn.Module) -> str:

@@ -4,12 +4,20 @@
 ['ablate', 'addition', 'clamp']
 """
 
-from .base import INFO_SHAPES, METHODS, Method, canonical_name, make_method, method_names, method_parameters, register_method
+from .base import (
+    METHODS,
+    Method,
+    canonical_name,
+    check_arguments,
+    make_method,
+    method_names,
+    method_parameters,
+    register_method,
+)
 from .fixed import Ablate, Addition, Clamp, Interpolate, Multiplication, Project, Replace, Scale
 from .learned import Concat, CrossAttention, Film, Gate, LearnedMethod
 
 __all__ = [
-    "INFO_SHAPES",
     "METHODS",
     "Ablate",
     "Addition",
@@ -26,6 +34,7 @@ __all__ = [
     "Replace",
     "Scale",
     "canonical_name",
+    "check_arguments",
     "make_method",
     "method_names",
     "method_parameters",

@@ -4,28 +4,25 @@ A method is a small module: `forward(hidden, info) -> hidden`, hidden (B, T, H).
 takes (`info_layout`), may prepare that info once (`prepare`, e.g. normalise a direction), and records
 its constructor arguments (`arguments`) so that a fusion can be saved and rebuilt.
 
->>> make_method("add", alpha=0.5)
+>>> make_method("add", {"alpha": 0.5})
 Addition(alpha=0.5)
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
 
-from ..errors import ArgumentTypeError, ArgumentValueError, UnknownNameError
+from ..errors import ArgumentTypeError, ArgumentValueError, UnknownNameError, positive_int
+from ..info import LAYOUTS
 
 InfoLayout = Literal["vector", "basis", "sequence", "none"]
-INFO_SHAPES: dict[str, str] = {
-    "vector": "(D,), (B, D) or (B, T, D)",
-    "basis": "(K, D) or (B, K, D)",
-    "sequence": "(K, D) or (B, K, D)",
-    "none": "no info (None)",
-}
+SIZES = ("hidden_size", "info_size")
+"""The constructor arguments of a learned method that `fuse` fills in from the model and the info."""
 
 
 class Method(nn.Module):
@@ -76,9 +73,15 @@ def register_method(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[M]
     """Class decorator that makes a `Method` subclass available as `fuse(method=name)`."""
 
     def register(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ArgumentTypeError(f"register_method decorates a layerfuse.Method subclass, got {cls!r}")
+        if cls.info_layout not in LAYOUTS:
+            raise ArgumentValueError(
+                f"{cls.__name__}.info_layout is {cls.info_layout!r}: use one of {', '.join(map(repr, LAYOUTS))}"
+            )
         taken = [n for n in (name, *aliases) if n in METHODS or n in _ALIASES]
         if taken:
-            raise ValueError(f"method name {taken[0]!r} is already registered")
+            raise ArgumentValueError(f"method name {taken[0]!r} is already registered: choose another name")
         METHODS[name] = cls
         _ALIASES.update({alias: name for alias in aliases})
         cls.method_name = name
@@ -112,17 +115,45 @@ def method_parameters(cls: type[Method]) -> dict[str, inspect.Parameter]:
     }
 
 
+def check_arguments(name: str, arguments: Mapping[str, Any]) -> type[Method]:
+    """The registered method `name` stands for, after checking that `arguments` are the ones it takes.
+
+    A learned method may also be given its sizes (`hidden_size`, `info_size`), as its `arguments()` records them.
+
+    >>> check_arguments("scale", {})
+    Traceback (most recent call last):
+    ...
+    layerfuse.errors.ArgumentValueError: method 'scale': missing argument(s) ['alpha']; it takes: alpha
+    """
+    cls = METHODS[canonical_name(name)]
+    accepted = method_parameters(cls)
+    unknown = sorted(set(arguments) - set(accepted) - set(SIZES if cls.learned else ()))
+    missing = [
+        key for key, parameter in accepted.items() if parameter.default is parameter.empty and key not in arguments
+    ]
+    if unknown or missing:
+        problem = f"unknown argument(s) {unknown}" if unknown else f"missing argument(s) {missing}"
+        takes = ", ".join(key if p.default is p.empty else f"{key}={p.default!r}" for key, p in accepted.items())
+        raise ArgumentValueError(f"method {name!r}: {problem}; it takes: {takes or 'no arguments'}")
+    for key in SIZES:
+        if key in arguments:
+            positive_int(key, arguments[key])
+    return cls
+
+
 def make_method(
     method: str | Method,
+    arguments: Mapping[str, Any] | None = None,
     *,
     hidden_size: int | None = None,
     info_size: int | None = None,
-    **arguments: Any,
 ) -> Method:
-    """`method` itself if it is a `Method`, else a new instance of the one registered by that name.
+    """`method` itself if it is a `Method`, else a new instance of the one registered by that name, with `arguments`.
 
-    Learned methods get `hidden_size` and `info_size` (the model's H and the info's D) from `fuse`.
+    Learned methods get `hidden_size` and `info_size` (the model's H and the info's D) from `fuse`;
+    sizes given among `arguments` must agree with them.
     """
+    arguments = dict(arguments or {})
     if isinstance(method, Method):
         if arguments:
             raise ArgumentValueError(
@@ -134,25 +165,20 @@ def make_method(
         raise ArgumentTypeError(
             f"method must be a registered name or a layerfuse.Method, got {type(method).__name__}"
         )
-    cls = METHODS[canonical_name(method)]
-    accepted = method_parameters(cls)
-    unknown = sorted(set(arguments) - set(accepted))
-    missing = [
-        name
-        for name, parameter in accepted.items()
-        if parameter.default is parameter.empty and name not in arguments
-    ]
-    if unknown or missing:
-        problem = f"unknown argument(s) {unknown}" if unknown else f"missing argument(s) {missing}"
-        takes = ", ".join(
-            name if p.default is p.empty else f"{name}={p.default!r}" for name, p in accepted.items()
-        )
-        raise ArgumentValueError(f"method {method!r}: {problem}; it takes: {takes or 'no arguments'}")
+    cls = check_arguments(method, arguments)
     if cls.learned:
-        if hidden_size is None or info_size is None:
+        given = {"hidden_size": hidden_size, "info_size": info_size}
+        for key, size in given.items():
+            if key in arguments and size is not None and arguments[key] != size:
+                what = "the model's hidden size" if key == "hidden_size" else "the info's last dimension"
+                raise ArgumentValueError(
+                    f"method {method!r} is configured for {key}={arguments[key]}, but {what} is {size}"
+                )
+        sizes = {key: arguments.get(key, size) for key, size in given.items()}
+        if None in sizes.values():
             raise ArgumentValueError(
                 f"method {method!r} is learned: it is built for the model's hidden size and the size of "
-                f"its info, so pass info with shape {INFO_SHAPES[cls.info_layout]}"
+                f"its info, so pass info with shape {LAYOUTS[cls.info_layout].shapes}"
             )
-        arguments = {"hidden_size": hidden_size, "info_size": info_size, **arguments}
+        arguments = {**arguments, **sizes}
     return cls(**arguments)

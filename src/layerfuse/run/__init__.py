@@ -1,7 +1,7 @@
 """`layerfuse run`: fused embeddings for a whole corpus, resumable and bad-row tolerant, locally or on Ray.
 
     corpus.py      read .txt, .jsonl, .csv, .parquet row by row; bad rows become rejects
-    spec.py        FusionSpec: the fusion a run attaches to each model
+    fusion.py      the run's FusionConfig and info: checked to suit a run, attached to each model, described
     embedding.py   Embedder: length-sorted batches under inference mode, pooling, NaN and truncation flags
     tables.py      shards of the corpus as Arrow tables; the output's columns
     shards.py      ShardStore: shards and manifest with atomic renames, for resuming
@@ -14,7 +14,6 @@
 
 from .embedding import POOLINGS, Embedder
 from .job import ENGINES, embed_corpus
-from .spec import FusionSpec
 from .summary import RunSummary
 
-__all__ = ["ENGINES", "POOLINGS", "Embedder", "FusionSpec", "RunSummary", "embed_corpus"]
+__all__ = ["ENGINES", "POOLINGS", "Embedder", "RunSummary", "embed_corpus"]

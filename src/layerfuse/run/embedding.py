@@ -23,10 +23,11 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import FusionConfig
 from ..errors import ArgumentValueError, positive_int
 from ..fusion import Fusion
 from ..models import load_model
-from .spec import FusionSpec
+from .fusion import attach, row_info
 
 POOLINGS = ("mean", "cls", "none")
 
@@ -40,7 +41,7 @@ def embedding_type(hidden_size: int, pooling: str) -> pa.DataType:
 class Embedder:
     """Embeds the `text` column of Arrow tables with `model` (fused by `fusion`, if any), under inference mode.
 
-    Info with one row per corpus row is handed to the fusion batch by batch, by the `row` column.
+    `rows_info`, info with one row per corpus row, is handed to the fusion batch by batch, by the `row` column.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class Embedder:
         tokenizer: PreTrainedTokenizerBase,
         fusion: Fusion | None = None,
         *,
+        rows_info: torch.Tensor | None = None,
         pooling: str = "mean",
         max_length: int | None = None,
         batch_size: int = 32,
@@ -68,17 +70,25 @@ class Embedder:
         self.pooling, self.batch_size, self.bucket = pooling, batch_size, bucket
         self.max_length = limit if max_length is None else max_length
         self.hidden_size: int = model.config.hidden_size
-        self.row_info = fusion.info.source if fusion is not None and fusion.info.batch_size is not None else None
+        self.rows_info = rows_info
 
     @classmethod
     def load(
-        cls, model: str | os.PathLike[str] | None = None, fusion: FusionSpec | None = None, **options: object
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        fusion: FusionConfig | None = None,
+        info: torch.Tensor | None = None,
+        saved: str | os.PathLike[str] | None = None,
+        **options: object,
     ) -> Embedder:
-        """Load `model` (None: the embedded MiniLM BERT), attach `fusion` to it, and embed with `options`."""
+        """Load `model` (None: the embedded MiniLM BERT), fuse it as `fusion` says, and embed with `options`.
+
+        `fusion` and `info` are a run's, as `run_fusion` checks them; `saved` a saved fusion's folder.
+        """
         network, tokenizer = load_model(model)
-        attached = None if fusion is None else fusion.attach(network)
+        attached = None if fusion is None else attach(network, fusion, info, saved)
         try:
-            return cls(network, tokenizer, attached, **options)
+            return cls(network, tokenizer, attached, rows_info=row_info(fusion, info), **options)
         except BaseException:
             if attached is not None:
                 attached.remove()
@@ -114,8 +124,8 @@ class Embedder:
     def _forward(self, texts: list[str], rows: torch.Tensor) -> list[numpy.ndarray]:
         """One padded batch: each text's pooled state (1, H), or its real tokens' states (T, H)."""
         inputs = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        if self.row_info is not None:
-            self.fusion.set_info(self.row_info[rows])
+        if self.rows_info is not None:
+            self.fusion.set_info(self.rows_info[rows])
         hidden = self.model(**inputs).last_hidden_state.float()
         mask = inputs["attention_mask"].bool()
         if self.pooling == "cls":

@@ -1,10 +1,11 @@
 """`embed_corpus`: check a run's arguments before any work, then hand the job to the local or the Ray engine.
 
 >>> import pathlib, tempfile, torch, pyarrow.parquet as pq
+>>> from layerfuse import FusionConfig
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> _ = (folder / "texts.txt").write_text("a first text\\n\\na third text\\n")
->>> fusion = FusionSpec(layer=3, method="addition", info=torch.ones(384))
->>> summary = embed_corpus(folder / "texts.txt", folder / "out.parquet", fusion=fusion)
+>>> fusion = FusionConfig(layer=3, method="addition")
+>>> summary = embed_corpus(folder / "texts.txt", folder / "out.parquet", fusion=fusion, info=torch.ones(384))
 >>> summary.written, summary.rejected
 (2, {'empty text': 1})
 >>> pq.read_table(folder / "out.parquet")["row"].to_pylist()
@@ -22,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 
+from ..config import FusionConfig
 from ..errors import ArgumentValueError, positive_int
 from .corpus import Corpus
 from .embedding import Embedder, embedding_type
 from .formats import check_output_format
+from .fusion import describe, run_fusion
 from .local import run_local
 from .ray_engine import run_on_ray
-from .spec import FusionSpec
 from .summary import RunSummary
 from .tables import output_schema
 
@@ -56,7 +59,7 @@ class Job:
     def settings(self) -> dict[str, Any]:
         """Everything that decides the output, as JSON: a run resumes only under the same settings."""
         stat = self.corpus.path.stat()
-        fusion = self.embedder["fusion"]
+        embedder = {key: value for key, value in self.embedder.items() if key not in ("fusion", "info", "saved")}
         return {
             "input": str(self.corpus.path.resolve()),
             "input_bytes": stat.st_size,
@@ -65,9 +68,9 @@ class Job:
             "id_column": self.corpus.id_column,
             "schema": self.schema.to_string(),
             "shard_size": self.shard_size,
-            **self.embedder,
+            **embedder,
             "model": None if self.embedder["model"] is None else str(self.embedder["model"]),
-            "fusion": None if fusion is None else fusion.describe(),
+            "fusion": describe(self.embedder["fusion"], self.embedder["info"], self.embedder["saved"]),
         }
 
     def summary(self, shards: Iterable[dict[str, Any]], *, resumed: int, seconds: float) -> RunSummary:
@@ -103,7 +106,9 @@ def embed_corpus(
     output: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | None = None,
-    fusion: FusionSpec | None = None,
+    fusion: FusionConfig | None = None,
+    info: torch.Tensor | None = None,
+    saved: str | os.PathLike[str] | None = None,
     text_column: str | None = None,
     id_column: str | None = None,
     include_text: bool = False,
@@ -120,7 +125,9 @@ def embed_corpus(
     ray_address: str | None = None,
     workers: int | None = None,
 ) -> RunSummary:
-    """Embed every text of `input` with `model` fused by `fusion` (None: the plain model) into `output`.
+    """Embed every text of `input` with `model` fused by `fusion` with `info` (neither: the plain model) into `output`.
+
+    `saved` names a saved fusion's folder, which supplies the config, info and parameters not given.
 
     `input` is a .txt (one text a line), .jsonl, .csv or .parquet file, with `text_column` (default
     "text") and `id_column`. The `output` name says its format: .parquet (columns `row`, `id`, `text`
@@ -148,14 +155,15 @@ def embed_corpus(
     rejects = Path(rejects) if rejects is not None else output.with_suffix(".rejects.jsonl")
     _check_paths(output, rejects, partial_folder(output), overwrite=overwrite, resume=resume)
     rows = corpus.count()
+    fusion, info = run_fusion(fusion, info, saved)
     settings: dict[str, Any] = {
-        "model": model, "fusion": fusion, "pooling": pooling, "max_length": max_length, "batch_size": batch_size,
+        "model": model, "fusion": fusion, "info": info, "saved": saved, "pooling": pooling, "max_length": max_length, "batch_size": batch_size,
         "bucket": bucket,
     }
     with Embedder.load(**settings) as embedder:
-        if embedder.row_info is not None and len(embedder.row_info) != rows:
+        if embedder.rows_info is not None and len(embedder.rows_info) != rows:
             raise ArgumentValueError(
-                f"the info has {len(embedder.row_info)} rows but {corpus.path.name} has {rows}: give one info row "
+                f"the info has {len(embedder.rows_info)} rows but {corpus.path.name} has {rows}: give one info row "
                 "per corpus row, bad rows included, or one info for every row"
             )
         job = Job(
