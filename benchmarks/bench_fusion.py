@@ -1,4 +1,4 @@
-"""The README's fusion figures: `layerfuse bench` on the embedded MiniLM BERT, saved under docs/.
+"""The figures of docs/performance.md: `layerfuse bench` on the embedded MiniLM BERT, saved under docs/.
 
 Runs the default grid (plain vs hook vs custom layer at 1x8, 8x64, 32x128 and 16x512 tokens, 1 and 2
 threads; every fixed method at 1x8; peak memory in fresh processes), prints the Markdown tables and
@@ -8,8 +8,8 @@ forwards (about a minute more).
     python benchmarks/bench_fusion.py
     python benchmarks/bench_fusion.py --compile
 
-The README's figures were taken with glibc keeping freed memory, which removes page faults from
-every forward alike (see the README):
+Those figures were taken with glibc keeping freed memory, which removes page faults from every
+forward alike (see docs/performance.md):
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/bench_fusion.py
 """
