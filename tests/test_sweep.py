@@ -15,7 +15,8 @@ from torch import nn
 
 import layerfuse
 from layerfuse.cli import main
-from layerfuse.sweep import cost_bound, write_outputs
+from layerfuse.lab.sweep_report import write_outputs
+from layerfuse.sweep import cost_bound
 
 H = TINY["hidden_size"]
 B, T = 3, 7

@@ -27,7 +27,7 @@ from .positions import NAMED, PositionsLike
 from .run import ENGINES, POOLINGS, embed_corpus
 from .saving import load_config
 from .sites import find_blocks, site_table
-from .sweep import sweep_report, write_outputs
+from .lab.sweep_report import sweep_report, write_outputs
 
 
 def positions_argument(text: str) -> PositionsLike:

@@ -24,29 +24,27 @@ True
 from __future__ import annotations
 
 import inspect
-import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .compare import DEFAULT_TEXTS
-from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FileFormatError, InfoShapeError, positive_int
 from .config import FusionConfig, config_or_keywords
+from .errors import (
+    ArchitectureError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    InfoShapeError,
+    positive_int,
+)
 from .fusion import Fusion, prepare_fusion
 from .info import LAYOUTS
 from .methods import Method, make_method
-from .models import load_model, model_label
 from .outputs import Rebuild, split_output
 from .positions import PositionsLike
-from .sites import find_blocks, find_embeddings, middle_layer, resolve_site
+from .sites import find_blocks, find_embeddings, resolve_site
 
 CHUNK_TOKENS = {"cpu": 2048, "cuda": 32768}
 """Tokens per tail pass when `chunk_size` is not given, by device type: infos per pass is
@@ -109,7 +107,7 @@ def sweep(
     mask = config.positions if isinstance(config.positions, torch.Tensor) else None
     if mask is not None and tuple(mask.shape) != (batch, tokens):
         raise InfoShapeError(f"the positions mask is {tuple(mask.shape)} but inputs are ({batch}, {tokens})")
-    size = _chunk_size(chunk_size, len(stacked), batch * tokens, _device_type(model))
+    size = chunk_size_for(model, chunk_size, len(stacked), batch * tokens)
     starts = range(0, len(stacked), size)
     fusions = [
         prepare_fusion(
@@ -136,81 +134,6 @@ def sweep(
     return result
 
 
-@dataclass(frozen=True)
-class SweepReport:
-    """What `sweep_report` ran, how long it took and how much each info changed the output."""
-
-    model: str
-    layer: int
-    method: str
-    batch_shape: tuple[int, int]
-    output_shape: tuple[int, ...]
-    chunk_size: int
-    seconds: float
-    changes: list[float]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields; `changes` is the largest |fused - plain| on real tokens, per info."""
-        return asdict(self)
-
-    def table(self) -> str:
-        """A short human-readable report."""
-        batch, tokens = self.batch_shape
-        count = self.output_shape[0]
-        lines = [
-            f"model   {self.model}",
-            f"sweep   {count} infos, {self.method} at layer {self.layer}, padded batch of {batch} x {tokens} tokens",
-            f"output  {tuple(self.output_shape)} in {self.seconds:.2f} s, {self.chunk_size} infos per pass",
-            "",
-            f"{'info':>5}  largest change of the output (real tokens)",
-        ]
-        lines += [f"{index:>5}  {change:.4g}" for index, change in enumerate(self.changes)]
-        return "\n".join(lines)
-
-
-def sweep_report(
-    model: str | os.PathLike[str] | None,
-    infos: torch.Tensor | Sequence[torch.Tensor],
-    *,
-    layer: int | None = None,
-    method: str = "addition",
-    positions: PositionsLike = "all",
-    texts: Sequence[str] = DEFAULT_TEXTS,
-    chunk_size: int | None = None,
-    **method_arguments: Any,
-) -> tuple[SweepReport, torch.Tensor]:
-    """Sweep `infos` over a padded batch of `texts` with `model` (default: the embedded MiniLM BERT).
-
-    `layer` defaults to the middle block. Returns the report and the outputs (K, B, T, H).
-    """
-    if not texts:
-        raise ArgumentValueError("texts must hold at least one text")
-    network, tokenizer = load_model(model)
-    layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
-    batch = dict(tokenizer(list(texts), return_tensors="pt", padding=True))
-    start = time.perf_counter()
-    outputs = sweep(
-        network, batch, infos, layer=layer, method=method, positions=positions, chunk_size=chunk_size, **method_arguments
-    )
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        plain, _ = split_output(network(**batch))
-    real = batch["attention_mask"].bool()
-    changes = (outputs - plain)[:, real].abs().flatten(1).amax(dim=1)
-    shape = tuple(batch["input_ids"].shape)
-    report = SweepReport(
-        model=model_label(model),
-        layer=layer,
-        method=method,
-        batch_shape=shape,
-        output_shape=tuple(outputs.shape),
-        chunk_size=_chunk_size(chunk_size, len(outputs), shape[0] * shape[1], _device_type(network)),
-        seconds=seconds,
-        changes=changes.tolist(),
-    )
-    return report, outputs
-
-
 def cost_bound(layer: int, count: int, blocks: int) -> float:
     """The least work of a sweep of `count` infos at `layer` of `blocks` blocks, over `count` fused forwards.
 
@@ -218,21 +141,6 @@ def cost_bound(layer: int, count: int, blocks: int) -> float:
     0.5625
     """
     return (layer + count * (blocks - layer)) / (count * blocks)
-
-
-def write_outputs(path: str | os.PathLike[str], outputs: torch.Tensor) -> Path:
-    """Write a sweep's outputs to a `.pt`, `.npy` or `.safetensors` file (as the tensor named "outputs")."""
-    path = Path(path)
-    tensor = outputs.detach().cpu().contiguous()
-    writers = {
-        ".pt": lambda: torch.save(tensor, path),
-        ".npy": lambda: numpy.save(path, (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()),
-        ".safetensors": lambda: save_file({"outputs": tensor}, path),
-    }
-    if path.suffix not in writers:
-        raise FileFormatError(f"cannot write outputs to {path.name}: use a {', '.join(writers)} file")
-    writers[path.suffix]()
-    return path
 
 
 def _batch_shape(inputs: Mapping[str, Any]) -> tuple[int, int]:
@@ -286,14 +194,12 @@ def _per_example(
     return lambda chunk: shapes.stacked_per_example(chunk, batch)
 
 
-def _device_type(model: nn.Module) -> str:
-    weight = next(model.parameters(), None)
-    return "cpu" if weight is None else weight.device.type
-
-
-def _chunk_size(chunk_size: int | None, count: int, batch_tokens: int, device_type: str) -> int:
+def chunk_size_for(model: nn.Module, chunk_size: int | None, count: int, batch_tokens: int) -> int:
+    """Infos per pass for `count` infos on batches of `batch_tokens`: `chunk_size`, or what fits in `CHUNK_TOKENS`."""
     if chunk_size is None:
-        return min(count, max(1, CHUNK_TOKENS.get(device_type, CHUNK_TOKENS["cuda"]) // batch_tokens))
+        weight = next(model.parameters(), None)
+        tokens = CHUNK_TOKENS.get("cpu" if weight is None else weight.device.type, CHUNK_TOKENS["cuda"])
+        return min(count, max(1, tokens // batch_tokens))
     return min(positive_int("chunk_size (infos per pass)", chunk_size), count)
 
 

@@ -1,0 +1,1 @@
+"""Measuring tools, apart from the library."""
