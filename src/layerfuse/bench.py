@@ -69,8 +69,6 @@ class Point(Interleaved):
     method: str
     seconds: dict[str, list[float]]
 
-    ratio = Interleaved.paired
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch": self.batch,

@@ -47,16 +47,12 @@ class Comparison(Interleaved):
     fusion_change: float
     seconds: dict[str, list[float]]
 
-    def ratio(self, variant: str) -> float:
-        """Median over the runs of `variant`'s seconds over the plain forward's in the same run."""
-        return self.paired(variant).median
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""
         data = asdict(self)
         data["repeats"] = self.rounds
         data["timings"] = {
-            name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name)}
+            name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name).median}
             for name, t in self.timings.items()
         }
         return data
@@ -74,7 +70,7 @@ class Comparison(Interleaved):
             f"{'variant':<8} {'median':>10} {'vs plain':>9}   ({self.rounds} interleaved runs)",
         ]
         lines += [
-            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name):>8.3f}x"
+            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name).median:>8.3f}x"
             for name, t in self.timings.items()
         ]
         return "\n".join(lines)
