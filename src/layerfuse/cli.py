@@ -17,11 +17,11 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from .bench import SHAPES, THREADS, bench, plot, require_matplotlib
-from .compare import DEFAULT_TEXTS, compare
+from .compare import compare
 from .errors import LayerfuseError
 from .info import read_info
 from .methods import INFO_SHAPES, METHODS, method_names, method_parameters
-from .models import load_model
+from .models import DEFAULT_TEXTS, load_model
 from .positions import NAMED, PositionsLike
 from .run import ENGINES, POOLINGS, embed_corpus
 from .run.spec import fusion_spec

@@ -19,18 +19,12 @@ from torch import nn
 from .errors import ArgumentValueError, positive_int
 from .fusion import Fusion, fuse
 from .methods import METHODS, canonical_name
-from .models import load_model, model_label
+from .models import DEFAULT_TEXTS, load_model, model_label
 from .positions import PositionsLike
 from .sites import middle_layer, resolve_site
 from .timing import Interleaved, time_calls
 from .twins import side_by_side
 
-DEFAULT_TEXTS = (
-    "Hello, how are you?",
-    "Layer fusion puts extra information into the output of one chosen transformer layer.",
-    "Short one.",
-    "A padded batch mixes sentences of different lengths, so the attention mask matters here.",
-)
 APPROACH_NAMES = ("hook", "layer")
 
 

@@ -37,12 +37,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .compare import DEFAULT_TEXTS
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FileFormatError, InfoShapeError, positive_int
 from .fusion import Fusion, prepare_fusion
 from .info import RANKS
 from .methods import INFO_SHAPES, Method, make_method
-from .models import load_model, model_label
+from .models import DEFAULT_TEXTS, load_model, model_label
 from .outputs import Rebuild, split_output
 from .positions import PositionsLike
 from .sites import find_blocks, find_embeddings, middle_layer, resolve_site
