@@ -7,7 +7,7 @@
 ...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
 """
 
-from .compare import Comparison, compare
+from .lab.compare import Comparison, compare
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from .bench import SHAPES, THREADS, bench, plot, require_matplotlib
-from .compare import compare
+from .lab.bench import SHAPES, THREADS, bench, plot, require_matplotlib
+from .lab.compare import compare
 from .errors import LayerfuseError
 from .info import read_info
 from .methods import INFO_SHAPES, METHODS, method_names, method_parameters

@@ -32,14 +32,15 @@ import torch
 import transformers
 from torch import nn
 
-from .compare import random_info
-from .errors import ArgumentValueError, positive_int
-from .fusion import Fusion, fuse
-from .methods import METHODS, canonical_name
-from .models import load_model, model_label
-from .sites import middle_layer, resolve_site
-from .timing import Interleaved, Summary, time_calls
-from .twins import side_by_side
+from layerfuse.errors import ArgumentValueError, positive_int
+from layerfuse.fusion import Fusion, fuse
+from layerfuse.methods import METHODS, canonical_name
+from layerfuse.models import load_model, model_label
+from layerfuse.sites import middle_layer, resolve_site
+
+from ..compare import random_info
+from ..timing import Interleaved, Summary, time_calls
+from ..twins import side_by_side
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
 THREADS = (1, 2)
@@ -426,7 +427,7 @@ def measure_memory(
     hidden_size: int,
 ) -> Memory:
     """Tensor memory of one plain, hook and layer forward, each in a fresh Python process (run side by side)."""
-    code = "import json, sys; from layerfuse.bench import forward_memory; print(*forward_memory(**json.loads(sys.argv[1])))"
+    code = "import json, sys; from layerfuse.lab.bench import forward_memory; print(*forward_memory(**json.loads(sys.argv[1])))"
     arguments = dict(
         model=model, method=method, layer=layer, batch=batch, tokens=tokens, threads=threads, device=device, dtype=dtype
     )

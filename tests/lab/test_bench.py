@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import layerfuse
-from layerfuse.bench import FIXED_METHODS, Cost, Point, Report, bench, environment, measure_memory, plot, rounds_for
+from layerfuse.lab.bench import FIXED_METHODS, Cost, Point, Report, bench, environment, measure_memory, plot, rounds_for
 from layerfuse.cli import main
-from layerfuse.timing import Summary
+from layerfuse.lab.timing import Summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

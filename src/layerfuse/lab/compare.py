@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArgumentValueError, positive_int
-from .fusion import Fusion, fuse
-from .methods import METHODS, canonical_name
-from .models import DEFAULT_TEXTS, load_model, model_label
-from .positions import PositionsLike
-from .sites import middle_layer, resolve_site
+from layerfuse.errors import ArgumentValueError, positive_int
+from layerfuse.fusion import Fusion, fuse
+from layerfuse.methods import METHODS, canonical_name
+from layerfuse.models import DEFAULT_TEXTS, load_model, model_label
+from layerfuse.positions import PositionsLike
+from layerfuse.sites import middle_layer, resolve_site
+
 from .timing import Interleaved, time_calls
 from .twins import side_by_side
 
