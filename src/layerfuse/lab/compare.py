@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerfuse.approaches import APPROACHES
 from layerfuse.errors import ArgumentValueError, positive_int
 from layerfuse.fusion import Fusion, fuse
 from layerfuse.methods import METHODS, canonical_name
@@ -25,9 +26,6 @@ from layerfuse.sites import middle_layer, resolve_site
 
 from .timing import Interleaved, time_calls
 from .twins import side_by_side
-
-APPROACH_NAMES = ("hook", "layer")
-
 
 @dataclass(frozen=True)
 class Comparison(Interleaved):
@@ -115,13 +113,13 @@ def compare(
     with torch.inference_mode():
         plain = forward().last_hidden_state
         states = {}
-        for approach in APPROACH_NAMES:
+        for approach in APPROACHES:
             with fused(network, approach):
                 out = forward(output_hidden_states=True)
                 states[approach] = torch.stack([*out.hidden_states, out.last_hidden_state])
-        hook, custom = (states[a] for a in APPROACH_NAMES)
+        hook, custom = states["hook"], states["layer"]
         real = batch["attention_mask"].bool()
-        twins = {a: functools.partial(fused, approach=a) for a in APPROACH_NAMES}
+        twins = {a: functools.partial(fused, approach=a) for a in APPROACHES}
         with side_by_side(network, twins) as networks:
             times = time_calls({name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats)
     return Comparison(

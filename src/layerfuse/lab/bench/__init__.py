@@ -34,6 +34,7 @@ from .grid import (
     Cost,
     Point,
     check_shapes,
+    check_threads,
     parse_device,
     rounds_for,
     time_cost,
@@ -91,8 +92,7 @@ def bench(
     check_shapes(shapes, "shapes")
     check_shapes(method_shapes, "method_shapes")
     check_shapes(compile_shapes, "compile_shapes")
-    if not threads or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in threads):
-        raise ArgumentValueError(f"threads must be positive ints, got {threads!r}")
+    check_threads(threads)
     if rounds is not None:
         positive_int("rounds", rounds)
     method = canonical_name(method)

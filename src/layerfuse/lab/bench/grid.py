@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerfuse.errors import ArgumentValueError
+from layerfuse.approaches import APPROACHES
+from layerfuse.errors import ArgumentValueError, positive_int
 from layerfuse.fusion import Fusion, fuse
 from layerfuse.methods import METHODS
 
@@ -29,7 +30,6 @@ from ..twins import side_by_side
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
 THREADS = (1, 2)
-APPROACHES = ("hook", "layer")
 FIXED_METHODS = tuple(name for name, cls in METHODS.items() if not cls.learned)
 METHOD_ARGUMENTS: dict[str, dict[str, float]] = {"scale": {"alpha": 0.5}, "clamp": {"value": 1.0}}
 ROUNDS = ((64, 80), (1024, 32), (4096, 16))
@@ -110,11 +110,28 @@ def parse_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
 
 
 def check_shapes(shapes: Sequence[tuple[int, int]], name: str) -> None:
-    """Raise unless `shapes` is a non-empty sequence of (batch, tokens) pairs of positive ints."""
-    if not shapes or any(
-        not isinstance(size, int) or isinstance(size, bool) or size < 1 for shape in shapes for size in shape
-    ) or any(len(shape) != 2 for shape in shapes):
-        raise ArgumentValueError(f"{name} must be non-empty (batch, tokens) pairs of positive ints, got {shapes!r}")
+    """Raise unless `shapes` is a non-empty sequence of (batch, tokens) pairs of positive ints.
+
+    >>> check_shapes(((1, 8), (2, 0)), "shapes")
+    Traceback (most recent call last):
+    ...
+    layerfuse.errors.ArgumentValueError: tokens in shapes must be a positive int, got 0
+    """
+    if not shapes:
+        raise ArgumentValueError(f"{name} must hold at least one (batch, tokens) pair, got {shapes!r}")
+    for shape in shapes:
+        if not isinstance(shape, Sequence) or len(shape) != 2:
+            raise ArgumentValueError(f"{name} must be (batch, tokens) pairs, got {shape!r} in {shapes!r}")
+        positive_int(f"batch in {name}", shape[0])
+        positive_int(f"tokens in {name}", shape[1])
+
+
+def check_threads(threads: Sequence[int]) -> None:
+    """Raise unless `threads` is a non-empty sequence of positive ints."""
+    if not threads:
+        raise ArgumentValueError(f"threads must hold at least one thread count, got {threads!r}")
+    for count in threads:
+        positive_int("threads", count)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from layerfuse.approaches import APPROACHES
 from layerfuse.models import load_model
 
-from .grid import APPROACHES, DTYPES, attach, random_inputs
+from .grid import DTYPES, attach, random_inputs
 
 
 @dataclass(frozen=True)

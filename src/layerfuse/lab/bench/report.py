@@ -14,8 +14,10 @@ from typing import Any
 import torch
 import transformers
 
+from layerfuse.approaches import APPROACHES
+
 from ..timing import Summary
-from .grid import APPROACHES, Cost, Point
+from .grid import Cost, Point
 from .memory import Memory
 
 TARGET = 1.02
