@@ -19,6 +19,7 @@ from .errors import (
     InfoValueError,
     LayerfuseError,
     LayerIndexError,
+    MeasurementError,
     ModelNotFoundError,
     UnknownNameError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "Interpolate",
     "LayerIndexError",
     "LayerfuseError",
+    "MeasurementError",
     "Method",
     "ModelNotFoundError",
     "Multiplication",

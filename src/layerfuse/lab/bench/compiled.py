@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from layerfuse.errors import MeasurementError
+
 from ..timing import time_calls
 from ..twins import side_by_side
 from .grid import Point, forward, random_inputs, rounds_for, synchronizer, twin_fusions
@@ -49,7 +51,9 @@ def time_compiled(
                 sync()
                 compile_seconds[f"{name} {batch}x{tokens}"] = time.perf_counter() - start
                 if not torch.allclose(output, networks[name](**inputs).last_hidden_state, rtol=1e-2, atol=1e-2):
-                    raise RuntimeError(f"the compiled {name} forward differs from the eager one at {batch}x{tokens}")
+                    raise MeasurementError(
+                        f"the compiled {name} forward differs from the eager one at {batch}x{tokens}"
+                    )
             calls = {name: functools.partial(forward, network, inputs, sync) for name, network in compiled.items()}
             rounds = rounds_for(batch, tokens)
             times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from layerfuse.approaches import APPROACHES
+from layerfuse.errors import MeasurementError
 from layerfuse.models import load_model
 
 from .grid import DTYPES, attach, random_inputs
@@ -130,6 +131,6 @@ def measure_memory(
     for variant, process in processes.items():
         out, err = process.communicate()
         if process.returncode != 0:
-            raise RuntimeError(f"the {variant} memory probe failed:\n{err}")
+            raise MeasurementError(f"the {variant} memory probe failed:\n{err}")
         peak[variant], allocated[variant] = (int(number) for number in out.split()[-2:])
     return Memory(batch, tokens, method, peak, allocated, batch * tokens * hidden_size * DTYPES[dtype].itemsize)
