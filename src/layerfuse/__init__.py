@@ -7,7 +7,6 @@
 ...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
 """
 
-from .lab.compare import Comparison, compare
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
@@ -24,6 +23,7 @@ from .errors import (
     UnknownNameError,
 )
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
+from .lab.compare import Comparison, compare
 from .methods import (
     METHODS,
     Ablate,

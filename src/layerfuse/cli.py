@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from .lab.bench import SHAPES, THREADS, bench, plot, require_matplotlib
-from .lab.compare import compare
 from .errors import LayerfuseError
 from .info import read_info
+from .lab.bench import SHAPES, THREADS, bench, plot, require_matplotlib
+from .lab.compare import compare
 from .methods import INFO_SHAPES, METHODS, method_names, method_parameters
 from .models import DEFAULT_TEXTS, load_model
 from .positions import NAMED, PositionsLike

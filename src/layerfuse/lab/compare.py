@@ -27,6 +27,7 @@ from layerfuse.sites import middle_layer, resolve_site
 from .timing import Interleaved, time_calls
 from .twins import side_by_side
 
+
 @dataclass(frozen=True)
 class Comparison(Interleaved):
     """What `compare` found: agreement of the approaches, the fusion's effect and median timings."""
