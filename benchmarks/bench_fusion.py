@@ -23,7 +23,7 @@ from pathlib import Path
 
 import transformers
 
-from layerfuse.bench import bench, plot
+from layerfuse.lab.bench import bench, plot
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

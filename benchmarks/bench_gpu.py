@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from layerfuse.bench import DTYPES, bench, plot
+from layerfuse.lab.bench import DTYPES, bench, plot
 
 
 def main() -> int:

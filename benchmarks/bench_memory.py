@@ -1,6 +1,6 @@
 """Tensor memory of one forward, plain against fused by every fixed method and both approaches.
 
-Each forward runs in a fresh Python process (`layerfuse.bench.measure_memory`), which counts the bytes
+Each forward runs in a fresh Python process (`layerfuse.lab.bench.measure_memory`), which counts the bytes
 of the tensors it allocates: the peak and the total, from the profiler's memory events on the CPU and
 the allocator's statistics on CUDA. The fusion's allowance is one hidden-sized tensor (B x T x H) per
 fused layer.
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from layerfuse.bench import DTYPES, FIXED_METHODS, measure_memory, parse_device
+from layerfuse.lab.bench import DTYPES, FIXED_METHODS, measure_memory, parse_device
 
 
 def main() -> None:

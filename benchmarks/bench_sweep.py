@@ -18,9 +18,9 @@ import torch
 import transformers
 
 import layerfuse
-from layerfuse.bench import DTYPES, parse_device
+from layerfuse.lab.bench import DTYPES, parse_device
+from layerfuse.lab.timing import Summary, time_calls
 from layerfuse.sweep import cost_bound
-from layerfuse.timing import Summary, time_calls
 
 
 def padded_batch(batch: int, tokens: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY, padded_batch, tiny_bert
 
 import layerfuse
-from layerfuse.bench import bench
+from layerfuse.lab.bench import bench
 
 H = TINY["hidden_size"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

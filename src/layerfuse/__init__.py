@@ -8,7 +8,6 @@
 ...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
 """
 
-from .compare import Comparison, compare
 from .config import FusionConfig
 from .errors import (
     ArchitectureError,
@@ -21,10 +20,12 @@ from .errors import (
     InfoValueError,
     LayerfuseError,
     LayerIndexError,
+    MeasurementError,
     ModelNotFoundError,
     UnknownNameError,
 )
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
+from .lab.compare import Comparison, compare
 from .methods import (
     METHODS,
     Ablate,
@@ -71,6 +72,7 @@ __all__ = [
     "Interpolate",
     "LayerIndexError",
     "LayerfuseError",
+    "MeasurementError",
     "Method",
     "ModelNotFoundError",
     "Multiplication",

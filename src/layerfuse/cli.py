@@ -16,18 +16,18 @@ from collections.abc import Sequence
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from .bench import SHAPES, THREADS, bench, plot, require_matplotlib
-from .compare import DEFAULT_TEXTS, compare
 from .config import FusionConfig
 from .errors import ArgumentValueError, LayerfuseError
 from .info import LAYOUTS, read_info
+from .lab.bench import SHAPES, THREADS, bench, plot, require_matplotlib
+from .lab.compare import compare
+from .lab.sweep_report import sweep_report, write_outputs
 from .methods import METHODS, method_names, method_parameters
-from .models import load_model
+from .models import DEFAULT_TEXTS, load_model
 from .positions import NAMED, PositionsLike
 from .run import ENGINES, POOLINGS, embed_corpus
 from .saving import load_config
 from .sites import find_blocks, site_table
-from .lab.sweep_report import sweep_report, write_outputs
 
 
 def positions_argument(text: str) -> PositionsLike:

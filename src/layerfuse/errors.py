@@ -56,6 +56,10 @@ class FusionStateError(LayerfuseError, RuntimeError):
     """An operation that the current state of a fusion does not allow."""
 
 
+class MeasurementError(LayerfuseError, RuntimeError):
+    """A measurement that failed or cannot be trusted, such as a compiled forward that differs from the eager one."""
+
+
 def positive_int(name: str, value: object) -> int:
     """`value` if it is a positive int, else the error that says so.
 

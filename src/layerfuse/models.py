@@ -19,6 +19,13 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from .errors import ModelNotFoundError
 
 DEFAULT_MODEL = "embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
+DEFAULT_TEXTS = (
+    "Hello, how are you?",
+    "Layer fusion puts extra information into the output of one chosen transformer layer.",
+    "Short one.",
+    "A padded batch mixes sentences of different lengths, so the attention mask matters here.",
+)
+"""The padded batch that `compare` and `sweep_report` run when given no texts: sentences of different lengths."""
 
 
 def model_label(name: str | os.PathLike[str] | None) -> str:

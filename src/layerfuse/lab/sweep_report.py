@@ -19,9 +19,8 @@ import numpy
 import torch
 from safetensors.torch import save_file
 
-from ..compare import DEFAULT_TEXTS
 from ..errors import ArgumentValueError, FileFormatError
-from ..models import load_model, model_label
+from ..models import DEFAULT_TEXTS, load_model, model_label
 from ..outputs import split_output
 from ..positions import PositionsLike
 from ..sites import middle_layer, resolve_site

@@ -16,22 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArgumentValueError, positive_int
-from .fusion import Fusion, fuse
-from .methods import METHODS, canonical_name
-from .models import load_model, model_label
-from .positions import PositionsLike
-from .sites import middle_layer, resolve_site
+from layerfuse.approaches import APPROACHES
+from layerfuse.errors import ArgumentValueError, positive_int
+from layerfuse.fusion import Fusion, fuse
+from layerfuse.info import example_info
+from layerfuse.methods import METHODS, canonical_name
+from layerfuse.models import DEFAULT_TEXTS, load_model, model_label
+from layerfuse.positions import PositionsLike
+from layerfuse.sites import middle_layer, resolve_site
+
 from .timing import Interleaved, time_calls
 from .twins import side_by_side
-
-DEFAULT_TEXTS = (
-    "Hello, how are you?",
-    "Layer fusion puts extra information into the output of one chosen transformer layer.",
-    "Short one.",
-    "A padded batch mixes sentences of different lengths, so the attention mask matters here.",
-)
-APPROACH_NAMES = ("hook", "layer")
 
 
 @dataclass(frozen=True)
@@ -47,16 +42,12 @@ class Comparison(Interleaved):
     fusion_change: float
     seconds: dict[str, list[float]]
 
-    def ratio(self, variant: str) -> float:
-        """Median over the runs of `variant`'s seconds over the plain forward's in the same run."""
-        return self.paired(variant).median
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, plus median seconds and ratio to plain per variant."""
         data = asdict(self)
         data["repeats"] = self.rounds
         data["timings"] = {
-            name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name)}
+            name: {"median_s": t.median, "q1_s": t.q1, "q3_s": t.q3, "ratio_to_plain": self.ratio(name).median}
             for name, t in self.timings.items()
         }
         return data
@@ -74,17 +65,15 @@ class Comparison(Interleaved):
             f"{'variant':<8} {'median':>10} {'vs plain':>9}   ({self.rounds} interleaved runs)",
         ]
         lines += [
-            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name):>8.3f}x"
+            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name).median:>8.3f}x"
             for name, t in self.timings.items()
         ]
         return "\n".join(lines)
 
 
 def random_info(method: str, hidden_size: int, seed: int) -> torch.Tensor | None:
-    """Seeded standard-normal info of the shape `method` takes: (H,), or (2, H) for a basis or sequence."""
-    layout = METHODS[canonical_name(method)].info_layout
-    shape = {"vector": (hidden_size,), "basis": (2, hidden_size), "sequence": (2, hidden_size)}.get(layout)
-    return None if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    """Seeded standard-normal info of the example shape of `method`'s layout with D = H: (H,), or (2, H) for a basis."""
+    return example_info(METHODS[canonical_name(method)].info_layout, hidden_size, seed=seed)
 
 
 def compare(
@@ -124,13 +113,13 @@ def compare(
     with torch.inference_mode():
         plain = forward().last_hidden_state
         states = {}
-        for approach in APPROACH_NAMES:
+        for approach in APPROACHES:
             with fused(network, approach):
                 out = forward(output_hidden_states=True)
                 states[approach] = torch.stack([*out.hidden_states, out.last_hidden_state])
-        hook, custom = (states[a] for a in APPROACH_NAMES)
+        hook, custom = states["hook"], states["layer"]
         real = batch["attention_mask"].bool()
-        twins = {a: functools.partial(fused, approach=a) for a in APPROACH_NAMES}
+        twins = {a: functools.partial(fused, approach=a) for a in APPROACHES}
         with side_by_side(network, twins) as networks:
             times = time_calls({name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats)
     return Comparison(

@@ -64,7 +64,7 @@ class Interleaved:
         """Median and quartiles of each variant's seconds."""
         return {name: Summary.of(seconds) for name, seconds in self.seconds.items()}
 
-    def paired(self, variant: str) -> Summary:
+    def ratio(self, variant: str) -> Summary:
         """`variant`'s seconds over the plain forward's in the same round: median and quartiles."""
         return paired_ratio(self.seconds[variant], self.seconds["plain"])
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from layerfuse import fuse
-from layerfuse.twins import shared_copy, side_by_side
+from layerfuse.lab.twins import shared_copy, side_by_side
 
 from conftest import assert_unchanged, snapshot
 from reference import FORMULAS, bert_forward

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import layerfuse
-from layerfuse.bench import FIXED_METHODS, Cost, Point, Report, bench, environment, measure_memory, plot, rounds_for
 from layerfuse.cli import main
-from layerfuse.timing import Summary
+from layerfuse.lab.bench import FIXED_METHODS, Cost, Point, Report, bench, environment, measure_memory, plot, rounds_for
+from layerfuse.lab.timing import Summary
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -82,6 +84,16 @@ def test_memory_is_measured_in_fresh_processes():
         assert memory.extra_allocated(approach) == memory.hidden + 4 * 32 * 4
         assert memory.extra(approach) == 0
     assert json.loads(json.dumps(memory.to_dict()))["extra_allocated_bytes"]["hook"] == memory.hidden + 512
+
+
+def test_a_failed_memory_probe_is_a_measurement_error(monkeypatch):
+    popen = subprocess.Popen
+    failing = [sys.executable, "-c", "import sys; sys.exit('probe broke')"]
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **options: popen(failing, **options))
+    with pytest.raises(layerfuse.MeasurementError, match="the plain memory probe failed:\nprobe broke"):
+        measure_memory(
+            None, method="addition", layer=1, batch=1, tokens=4, threads=1, device="cpu", dtype="float32", hidden_size=384
+        )
 
 
 def synthetic_report(compiled: bool) -> Report:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerfuse.timing import Summary, paired_ratio, time_calls
+from layerfuse.lab.timing import Summary, paired_ratio, time_calls
 
 
 def test_time_calls_interleaves_and_drops_warmup():
