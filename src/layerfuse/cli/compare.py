@@ -32,7 +32,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def execute(args: argparse.Namespace) -> int:
     """Compare, print the report; exit code 1 if the approaches disagree."""
-    fusion = fusion_options(args)
+    fusion = fusion_options(args, passed_to=(compare,))
     arguments = fusion.pop("arguments", {})
     result = compare(
         args.model, **fusion, texts=args.texts or DEFAULT_TEXTS, repeats=args.repeats, seed=args.seed, **arguments

@@ -7,7 +7,7 @@ import json
 
 from ..compare import DEFAULT_TEXTS
 from ..info import read_info
-from ..sweep import sweep_report, write_outputs
+from ..sweep import sweep, sweep_report, write_outputs
 from .options import add_fusion_options, add_json_option, add_model_option, add_texts_option, fusion_options
 
 
@@ -39,7 +39,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def execute(args: argparse.Namespace) -> int:
     """Sweep the infos, save the outputs if asked, print the report."""
-    fusion = fusion_options(args)
+    fusion = fusion_options(args, passed_to=(sweep_report, sweep))
     arguments = fusion.pop("arguments", {})
     report, outputs = sweep_report(
         args.model, read_info(args.infos), **fusion, texts=args.texts or DEFAULT_TEXTS, chunk_size=args.chunk_size,
