@@ -1,8 +1,11 @@
-"""The command line itself: method arguments as --arg NAME=VALUE."""
+"""The command line itself: method arguments as --arg NAME=VALUE, run's positions, a light --help."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import ClassVar
 
 import numpy
@@ -126,3 +129,47 @@ def test_a_registered_method_gets_its_arguments_from_sweep_and_run(tmp_path, cap
     assert torch.equal(*(load_file(tmp_path / f"{n}.safetensors")["outputs"] for n in ("shift_test", "addition")))
     assert numpy.array_equal(*(numpy.load(tmp_path / f"{n}.npy") for n in ("shift_test", "addition")))
     assert {built[0] for built in shift.built} == {0.5}
+
+
+def test_run_positions_refuse_token_indices_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("a text\n")
+    torch.save(torch.ones(384), tmp_path / "info.pt")
+    assert main(["run", "c.txt", "-o", "out.npy", "--layer", "1", "--info", "info.pt", "--positions", "0,-1"]) == 2
+    error = capsys.readouterr().err
+    assert "layerfuse run: error: a run fuses at positions all, tokens, first, last, not [0, -1]" in error
+    assert sorted(os.listdir(tmp_path)) == ["c.txt", "info.pt"]
+    with pytest.raises(SystemExit):
+        main(["run", "c.txt", "-o", "out.npy", "--positions", "middle"])
+    assert "not one of all, tokens, first, last" in capsys.readouterr().err
+
+
+HEAVY = ("matplotlib", "pyarrow", "tqdm", "ray", "layerfuse.bench", "layerfuse.lab.bench", "layerfuse.run")
+TORCH_ALONE = "import json, sys, torch; print(json.dumps([name for name in sys.argv[1:] if name in sys.modules]))"
+HELP_OF_EACH_COMMAND = """
+import contextlib, io, json, sys
+from layerfuse.cli import main
+loaded = {}
+for argv in ([], ["methods"], ["inspect"], ["compare"], ["run"], ["bench"], ["sweep"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([*argv, "--help"])
+        except SystemExit:
+            pass
+    loaded[" ".join(argv)] = [name for name in sys.argv[1:] if name in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def loaded_modules(code: str) -> object:
+    """What `code`, run in a fresh interpreter with the names of HEAVY as its arguments, prints as JSON."""
+    done = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_help_imports_no_heavy_module():
+    # torch imports tqdm itself (torch.hub) wherever it is installed: then only the rest can be left out
+    by_torch = loaded_modules(TORCH_ALONE)
+    assert set(by_torch) <= {"tqdm"}
+    loaded = loaded_modules(HELP_OF_EACH_COMMAND)
+    assert len(loaded) == 7 and all(set(names) <= set(by_torch) for names in loaded.values()), loaded
