@@ -41,7 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayerfuseError as error:
         print(f"layerfuse {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,7 +32,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = commands.add_parser(
         "methods",
         help="list the integration methods with their formulas and arguments",
-        description="List every registered integration method: its formula, the info it takes and its arguments.",
+        description="List every registered integration method: its formula, the info it takes and its arguments, "
+        "which compare, run and sweep set with --arg NAME=VALUE.",
     )
     parser.set_defaults(execute=execute)
 
