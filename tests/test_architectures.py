@@ -11,7 +11,7 @@ from architectures import ARCHITECTURES, DECODERS, build
 from conftest import assert_unchanged, padded_batch, snapshot
 
 import layerfuse
-from layerfuse.cli import inspect_report
+from layerfuse.cli.inspect_model import inspect_report
 
 SITES = ("output", "input", "attention", "mlp", "embeddings")
 # transformers 4.x records these models' hidden_states inside forward, before any forward hook runs: there only

@@ -41,7 +41,8 @@ class FusionConfig:
     """A fusion without its model and info: `method` with its `arguments`, at `site` of `layer`, by `approach`, at `positions`.
 
     `method` is a registered name or alias (kept as the registered name); `arguments` are its
-    constructor's keywords, completed with their defaults for fixed methods. `layer` is the index
+    constructor's keywords, completed by what the method records of itself (`Method.arguments()`:
+    defaults, numbers as floats) for fixed methods and by the constructor's defaults for learned ones. `layer` is the index
     that `hidden_states` reports (None for a site named by module); `site` is "output", "input",
     "attention", "mlp", "embeddings" or a module's dotted name; `approach` is "hook" or "layer";
     `positions` is "all", "tokens", "first", "last", token indices or a boolean (B, T) mask.
@@ -67,7 +68,7 @@ class FusionConfig:
             defaults = {key: p.default for key, p in method_parameters(cls).items() if p.default is not p.empty}
             arguments = {**defaults, **self.arguments}
         else:
-            arguments = cls(**self.arguments).arguments()
+            arguments = {**self.arguments, **cls(**self.arguments).arguments()}
         check_site(self.layer, self.site)
         if not isinstance(self.approach, str) or self.approach not in APPROACHES:
             raise UnknownNameError(f"unknown approach {self.approach!r}: use one of {', '.join(APPROACHES)}")

@@ -1,0 +1,131 @@
+"""`layerfuse run`: embed every text of a corpus with the fused model, resumable, locally or on Ray.
+
+`layerfuse.run` imports pyarrow (and its engines tqdm and Ray), so only this command's function imports it;
+the library checks the pooling and engine names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..config import FusionConfig
+from ..errors import ArgumentValueError
+from ..saving import load_config
+from .options import add_fusion_options, add_model_option, fusion_options
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `run` command's parser."""
+    parser = commands.add_parser(
+        "run",
+        help="embed every text of a corpus with the fused model: resumable, bad-row tolerant, locally or on Ray",
+        description="Embed the texts of INPUT with the model fused by --layer (--method, --info, ...) or by "
+        "--fusion DIR (neither: the plain model) into --output. Bad rows are skipped, counted and listed in a "
+        "rejects file; a killed run carries on with --resume. Exit code 1 if some embeddings held NaN or "
+        "infinity (they are rejected, not written), 2 for bad arguments.",
+    )
+    parser.add_argument("input", metavar="INPUT", help=".txt (one text a line), .jsonl, .csv or .parquet")
+    parser.add_argument(
+        "--output", "-o", required=True, metavar="OUT",
+        help=".parquet (row, id, text, embedding), .npy or .safetensors; with --engine ray, a folder of Parquet files",
+    )
+    add_model_option(parser)
+    add_fusion_options(
+        parser,
+        layer="hidden_states index to fuse at",
+        info="info tensor from a .npy, .pt or .safetensors file: (D,) for every row, or (N, D) with one row per "
+        "corpus row, bad rows included",
+        positions="where to fuse: all (default), tokens, first, last; token indices depend on how a batch is "
+        "padded, so a run refuses them",
+        approach=True,
+    )
+    parser.add_argument("--fusion", metavar="DIR", help="a saved fusion's folder, instead of --layer and --method")
+    parser.add_argument(
+        "--text-column", metavar="NAME", help="the texts' column in .jsonl, .csv and .parquet input (default: text)"
+    )
+    parser.add_argument("--id-column", metavar="NAME", help="a column carried to the output as id")
+    parser.add_argument("--include-text", action="store_true", help="write the texts to the Parquet output too")
+    parser.add_argument(
+        "--pooling", default="mean", metavar="NAME",
+        help="mean over real tokens (default), cls (first token), or none: every real token's state (Parquet only)",
+    )
+    parser.add_argument(
+        "--max-length", type=int, metavar="TOKENS", help="truncate to this many tokens (default: the model's limit)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward (default: 32)")
+    parser.add_argument(
+        "--shard-size", type=int, default=4096, metavar="ROWS",
+        help="rows per shard, the most a kill can lose (default: 4096)",
+    )
+    parser.add_argument(
+        "--rejects", metavar="FILE", help="the bad rows' list (default: OUT's name with .rejects.jsonl)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT and its rejects file if they exist")
+    parser.add_argument("--resume", action="store_true", help="carry on the interrupted run of the same job")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar (none either off a terminal)")
+    parser.add_argument(
+        "--engine", default="local", metavar="NAME", help="local (default) or ray (pip install 'layerfuse[ray]')"
+    )
+    parser.add_argument(
+        "--ray-address", metavar="ADDRESS", help="the Ray cluster to run on (default: a local Ray started for the job)"
+    )
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="Ray actors, one CPU each (default: every CPU of the cluster)"
+    )
+    parser.set_defaults(execute=execute)
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the job and print its summary; exit code 1 if some embeddings were not finite."""
+    from ..run import embed_corpus
+
+    config, info = run_fusion(args)
+    summary = embed_corpus(
+        args.input,
+        args.output,
+        model=args.model,
+        fusion=config,
+        info=info,
+        saved=args.fusion,
+        text_column=args.text_column,
+        id_column=args.id_column,
+        include_text=args.include_text,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        rejects=args.rejects,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet and sys.stderr.isatty(),
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
+    )
+    print(summary.report())
+    return 1 if summary.nonfinite else 0
+
+
+def run_fusion(args: argparse.Namespace) -> tuple[FusionConfig | None, torch.Tensor | None]:
+    """The `FusionConfig` and info that run's options name: by --layer, or --fusion's with --approach; or neither."""
+    options = fusion_options(args)
+    info = options.pop("info", None)
+    if args.fusion is not None:
+        given = sorted(set(options) - {"approach"})
+        if given:
+            raise ArgumentValueError(
+                f"a saved fusion brings its own layer, method, arguments and positions: give none of them "
+                f"with --fusion (got {', '.join(given)})"
+            )
+        approach = options.get("approach")
+        return (None if approach is None else load_config(args.fusion).replace(approach=approach)), info
+    if "layer" not in options:
+        given = [*options, *(["info"] if info is not None else [])]
+        if given:
+            raise ArgumentValueError(f"fusion options ({', '.join(given)}) need --layer or --fusion")
+        return None, None
+    return FusionConfig(**options), info
+
