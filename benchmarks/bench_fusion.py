@@ -31,7 +31,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
-    parser.add_argument("--output", type=Path, default=DOCS, help="folder for bench.json and bench.png (default: docs/)")
+    parser.add_argument(
+        "--output", type=Path, default=DOCS, help="folder for bench.json and bench.png (default: docs/)"
+    )
     args = parser.parse_args()
 
     transformers.utils.logging.disable_progress_bar()

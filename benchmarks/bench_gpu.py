@@ -24,7 +24,9 @@ from layerfuse.lab.bench import DTYPES, bench, plot
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub name or local folder (default: the embedded MiniLM BERT)")
-    parser.add_argument("--rounds", type=int, default=100, help="timed forwards per variant at every shape (default: 100)")
+    parser.add_argument(
+        "--rounds", type=int, default=100, help="timed forwards per variant at every shape (default: 100)"
+    )
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated (default: {','.join(DTYPES)})")
     parser.add_argument("--output", type=Path, help="folder for one JSON and one PNG per dtype")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
@@ -35,8 +37,13 @@ def main() -> int:
     transformers.utils.logging.disable_progress_bar()
     for dtype in args.dtypes.split(","):
         report = bench(
-            args.model, device="cuda", dtype=dtype, threads=(torch.get_num_threads(),), rounds=args.rounds,
-            compiled=args.compile, progress=lambda line: print(line, file=sys.stderr, flush=True),
+            args.model,
+            device="cuda",
+            dtype=dtype,
+            threads=(torch.get_num_threads(),),
+            rounds=args.rounds,
+            compiled=args.compile,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
         print(report.table() + "\n", flush=True)
         if args.output:

@@ -30,14 +30,23 @@ def main() -> None:
     parse_device(args.device, args.dtype)
     batch, tokens = (int(n) for n in args.shape.split("x"))
     hidden = batch * tokens * 384 * DTYPES[args.dtype].itemsize
-    print(f"embedded MiniLM BERT, layer {args.layer}, {batch} x {tokens} tokens, {args.dtype} on {args.device}; "
-          f"one hidden-sized tensor: {hidden / 2**20:.1f} MiB\n")
+    print(
+        f"embedded MiniLM BERT, layer {args.layer}, {batch} x {tokens} tokens, {args.dtype} on {args.device}; "
+        f"one hidden-sized tensor: {hidden / 2**20:.1f} MiB\n"
+    )
     print("| method | plain peak | extra peak (hook, layer) | plain allocated | extra allocated (hook, layer) |")
     print("|---|---|---|---|---|")
     for method in FIXED_METHODS:
         memory = measure_memory(
-            None, method=method, layer=args.layer, batch=batch, tokens=tokens, threads=args.threads,
-            device=args.device, dtype=args.dtype, hidden_size=384,
+            None,
+            method=method,
+            layer=args.layer,
+            batch=batch,
+            tokens=tokens,
+            threads=args.threads,
+            device=args.device,
+            dtype=args.dtype,
+            hidden_size=384,
         )
         extra_peak = ", ".join(f"{memory.extra(v) / 2**20:+.3f}" for v in ("hook", "layer"))
         extra_allocated = ", ".join(f"{memory.extra_allocated(v) / 2**20:+.3f}" for v in ("hook", "layer"))

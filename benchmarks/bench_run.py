@@ -114,7 +114,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         corpus = Path(folder) / "corpus.txt"
         corpus.write_text("\n".join(BAD_ROWS.get(row, text) for row, text in enumerate(texts)) + "\n")
-        summary = embed_corpus(corpus, Path(folder) / "out.parquet", fusion=fusion, info=info, batch_size=args.batch_size)
+        summary = embed_corpus(
+            corpus, Path(folder) / "out.parquet", fusion=fusion, info=info, batch_size=args.batch_size
+        )
         print(f"end to end: {args.rows} rows with {len(BAD_ROWS)} bad ones, fused, into Parquet")
         print(summary.report().replace(folder + "/", ""))
 

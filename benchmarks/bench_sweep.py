@@ -54,8 +54,10 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, "
         f"{args.threads} threads, {args.dtype} on {device}"
     )
-    print(f"embedded MiniLM BERT ({blocks} blocks), addition, padded batch of {batch_size} x {tokens}, "
-          f"{args.rounds} interleaved rounds\n")
+    print(
+        f"embedded MiniLM BERT ({blocks} blocks), addition, padded batch of {batch_size} x {tokens}, "
+        f"{args.rounds} interleaved rounds\n"
+    )
     print("| K | layer | K fused forwards | sweep | sweep / fused | bound | over bound | outputs |")
     print("|---|---|---|---|---|---|---|---|")
     for count in (int(k) for k in args.counts.split(",")):

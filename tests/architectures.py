@@ -5,22 +5,71 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, vocab_size=99, max_position_embeddings=64)
+COMMON = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=37,
+    vocab_size=99,
+    max_position_embeddings=64,
+)
 
 ARCHITECTURES = {
     "bert": (tf.BertConfig, tf.BertModel, tf.BertForSequenceClassification, {}),
     "roberta": (tf.RobertaConfig, tf.RobertaModel, tf.RobertaForMaskedLM, {"pad_token_id": 1}),
-    "xlm-roberta": (tf.XLMRobertaConfig, tf.XLMRobertaModel, tf.XLMRobertaForSequenceClassification, {"pad_token_id": 1}),
-    "distilbert": (tf.DistilBertConfig, tf.DistilBertModel, tf.DistilBertForMaskedLM, dict(dim=32, n_layers=3, n_heads=4, hidden_dim=37)),
+    "xlm-roberta": (
+        tf.XLMRobertaConfig,
+        tf.XLMRobertaModel,
+        tf.XLMRobertaForSequenceClassification,
+        {"pad_token_id": 1},
+    ),
+    "distilbert": (
+        tf.DistilBertConfig,
+        tf.DistilBertModel,
+        tf.DistilBertForMaskedLM,
+        dict(dim=32, n_layers=3, n_heads=4, hidden_dim=37),
+    ),
     "albert": (tf.AlbertConfig, tf.AlbertModel, tf.AlbertForSequenceClassification, dict(embedding_size=16)),
     "electra": (tf.ElectraConfig, tf.ElectraModel, tf.ElectraForMaskedLM, dict(embedding_size=16)),
     "deberta-v2": (tf.DebertaV2Config, tf.DebertaV2Model, tf.DebertaV2ForSequenceClassification, {}),
-    "modernbert": (tf.ModernBertConfig, tf.ModernBertModel, tf.ModernBertForMaskedLM,
-                   dict(global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
-    "gpt2": (tf.GPT2Config, tf.GPT2Model, tf.GPT2LMHeadModel, dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
-    "llama": (tf.LlamaConfig, tf.LlamaModel, tf.LlamaForCausalLM, dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
-    "mistral": (tf.MistralConfig, tf.MistralModel, tf.MistralForCausalLM, dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
-    "qwen2": (tf.Qwen2Config, tf.Qwen2Model, tf.Qwen2ForCausalLM, dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "modernbert": (
+        tf.ModernBertConfig,
+        tf.ModernBertModel,
+        tf.ModernBertForMaskedLM,
+        dict(
+            global_attn_every_n_layers=2,
+            local_attention=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+    ),
+    "gpt2": (
+        tf.GPT2Config,
+        tf.GPT2Model,
+        tf.GPT2LMHeadModel,
+        dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+    ),
+    "llama": (
+        tf.LlamaConfig,
+        tf.LlamaModel,
+        tf.LlamaForCausalLM,
+        dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    ),
+    "mistral": (
+        tf.MistralConfig,
+        tf.MistralModel,
+        tf.MistralForCausalLM,
+        dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    ),
+    "qwen2": (
+        tf.Qwen2Config,
+        tf.Qwen2Model,
+        tf.Qwen2ForCausalLM,
+        dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    ),
 }
 DECODERS = ("gpt2", "llama", "mistral", "qwen2")
 

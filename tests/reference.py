@@ -69,12 +69,15 @@ def fixed_formula(name: str, args: dict):
         "interpolate": lambda h, v: (1 - alpha) * h + alpha * v,
         "ablate": lambda h, v: h - dot(h, unit(v)) * unit(v),
         "clamp": lambda h, v: h - dot(h, unit(v)) * unit(v) + value * unit(v),
-        "project": lambda h, v: h @ projector(v) if v.ndim == 2 else torch.einsum("bth,bhk->btk", h, torch.stack([projector(b) for b in v])),
+        "project": lambda h, v: (
+            h @ projector(v) if v.ndim == 2 else torch.einsum("bth,bhk->btk", h, torch.stack([projector(b) for b in v]))
+        ),
     }[name]
 
 
 def learned_formula(method):
     """The formula of a learned method, from its parameters, as `f(h, v)`."""
+
     def linear(x, layer):
         return x @ layer.weight.mT + layer.bias
 
@@ -84,13 +87,18 @@ def learned_formula(method):
     if name == "Concat":
         return lambda h, v: h + linear(torch.cat([h, v.expand(*h.shape[:-1], v.shape[-1])], -1), method.project)
     if name == "Gate":
+
         def gate(h, v):
             v = v.expand(*h.shape[:-1], v.shape[-1])
             m = torch.relu(linear(torch.cat([h, v], -1), method.gate)) * linear(v, method.project)
-            alpha = torch.minimum(method.beta * h.norm(dim=-1, keepdim=True) / (m.norm(dim=-1, keepdim=True) + 1e-6), torch.tensor(1.0))
+            alpha = torch.minimum(
+                method.beta * h.norm(dim=-1, keepdim=True) / (m.norm(dim=-1, keepdim=True) + 1e-6), torch.tensor(1.0)
+            )
             return h + alpha * m
+
         return gate
     if name == "CrossAttention":
+
         def attend(h, v):
             v = v.expand(h.shape[0], *v.shape[-2:])
             heads, size = method.heads, h.shape[-1] // method.heads
@@ -101,6 +109,7 @@ def learned_formula(method):
                 weights = torch.softmax(q[..., part] @ k[..., part].mT / size**0.5, dim=-1)
                 out.append(weights @ val[..., part])
             return h + linear(torch.cat(out, -1), method.output)
+
         return attend
     raise KeyError(name)
 
@@ -135,7 +144,7 @@ def bert_forward_with_sublayer_edit(model, batch: dict, *, layer: int, site: str
     hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
     states = [hidden]
     for index, block in enumerate(model.encoder.layer, start=1):
-        here = (lambda name, h: edit(h) if index == layer and site == name else h)
+        here = lambda name, h: edit(h) if index == layer and site == name else h
         hidden = here("input", hidden)
         attention = block.attention
         context = attention.self(hidden, additive)[0]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from architectures import ARCHITECTURES, DECODERS, build
-from conftest import assert_unchanged, padded_batch, snapshot
 
 import layerfuse
+from architectures import ARCHITECTURES, DECODERS, build
+from conftest import assert_unchanged, padded_batch, snapshot
 from layerfuse.cli.inspect_model import inspect_report
 
 SITES = ("output", "input", "attention", "mlp", "embeddings")
@@ -88,8 +88,13 @@ def test_generate_keeps_the_fusion_across_cached_steps(name):
     def generate():
         with torch.no_grad():
             return model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False,
-                pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
             )
 
     plain = generate()
@@ -119,8 +124,13 @@ def test_last_position_in_generation_fuses_the_newest_token_at_every_step():
     steps = 4
     with layerfuse.fuse(model, info, layer=1, positions="last"), torch.no_grad():
         cached = model.generate(
-            input_ids=prompt, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
-            return_dict_in_generate=True, output_logits=True,
+            input_ids=prompt,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
     sequence = cached.sequences
     for step in range(steps):

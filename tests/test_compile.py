@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, padded_batch, tiny_bert
 
 import layerfuse
+from conftest import TINY, padded_batch, tiny_bert
 from layerfuse import FusionConfig
 
 H = TINY["hidden_size"]
@@ -18,10 +18,14 @@ FIXED = [
     (FusionConfig(method="multiplication", layer=1), 1 + torch.randn(B, H, generator=GENERATOR) / 4),
     (FusionConfig(method="scale", arguments={"alpha": 0.5}, layer=1, positions="first"), None),
     (FusionConfig(method="replace", layer=2, positions="last"), torch.randn(B, T, H, generator=GENERATOR)),
-    (FusionConfig(method="interpolate", arguments={"alpha": 0.3}, layer=2, positions=[0, -1]),
-     torch.randn(H, generator=GENERATOR)),
-    (FusionConfig(method="ablate", layer=3, positions=torch.rand(B, T, generator=GENERATOR) > 0.5),
-     torch.randn(H, generator=GENERATOR)),
+    (
+        FusionConfig(method="interpolate", arguments={"alpha": 0.3}, layer=2, positions=[0, -1]),
+        torch.randn(H, generator=GENERATOR),
+    ),
+    (
+        FusionConfig(method="ablate", layer=3, positions=torch.rand(B, T, generator=GENERATOR) > 0.5),
+        torch.randn(H, generator=GENERATOR),
+    ),
     (FusionConfig(method="clamp", arguments={"value": 1.5}, layer=3), torch.randn(B, H, generator=GENERATOR)),
     (FusionConfig(method="project", layer=3), torch.randn(2, H, generator=GENERATOR)),
 ]
@@ -53,7 +57,9 @@ def last_hidden(model, batch):
 def test_every_fixed_method_by_both_approaches_compiles_in_one_graph_and_matches_eager():
     model, batch = tiny_bert(), padded_batch()
     plain = last_hidden(model, batch)
-    with layerfuse.fuse_many(model, [(config.replace(approach=a), info) for config, info in FIXED for a in ("hook", "layer")]):
+    with layerfuse.fuse_many(
+        model, [(config.replace(approach=a), info) for config, info in FIXED for a in ("hook", "layer")]
+    ):
         eager = last_hidden(model, batch)
         compiled = last_hidden(torch.compile(model, fullgraph=True), batch)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, assert_unchanged, snapshot
 
 import layerfuse
+from conftest import TINY, assert_unchanged, snapshot
 from layerfuse import FusionConfig
 from layerfuse.methods import METHODS
 
@@ -22,7 +22,12 @@ POSITIONS = {
     "indices": [0, -1],
     "mask": torch.tensor([[True, False] * 3 + [True], [False] * 7, [True] * 7]),
 }
-ARGUMENTS = {"scale": {"alpha": 0.5}, "clamp": {"value": 1.5}, "addition": {"alpha": 2.0}, "cross_attention": {"heads": 2}}
+ARGUMENTS = {
+    "scale": {"alpha": 0.5},
+    "clamp": {"value": 1.5},
+    "addition": {"alpha": 2.0},
+    "cross_attention": {"heads": 2},
+}
 
 
 def info_for(name: str) -> torch.Tensor | None:
@@ -70,7 +75,9 @@ def test_names_are_canonical_and_fixed_arguments_complete():
 
 
 def test_a_fusion_gives_back_its_config(tiny):
-    config = FusionConfig(method="clamp", arguments={"value": 2.0}, layer=-1, site="mlp", approach="layer", positions="last")
+    config = FusionConfig(
+        method="clamp", arguments={"value": 2.0}, layer=-1, site="mlp", approach="layer", positions="last"
+    )
     with layerfuse.fuse(tiny, torch.ones(H), config) as fusion:
         assert fusion.config == config.replace(layer=3)
     with layerfuse.fuse(tiny, torch.ones(H), site="encoder.layer.0.output") as fusion:
@@ -80,16 +87,44 @@ def test_a_fusion_gives_back_its_config(tiny):
 BAD = {
     "unknown method": (dict(method="telepathy", layer=1), layerfuse.UnknownNameError, "unknown method 'telepathy'"),
     "method not a name": (dict(method=3, layer=1), layerfuse.ArgumentTypeError, "method must be a registered name"),
-    "unknown argument": (dict(method="scale", arguments={"beta": 1}, layer=1), layerfuse.ArgumentValueError, r"unknown argument\(s\) \['beta'\]"),
-    "missing argument": (dict(method="scale", layer=1), layerfuse.ArgumentValueError, r"missing argument\(s\) \['alpha'\]"),
-    "bad argument value": (dict(method="scale", arguments={"alpha": float("nan")}, layer=1), layerfuse.ArgumentValueError, "alpha must be finite"),
-    "arguments not a mapping": (dict(arguments=[1], layer=1), layerfuse.ArgumentTypeError, "arguments must be a mapping"),
-    "bad learned size": (dict(method="film", arguments={"hidden_size": 0}, layer=1), layerfuse.ArgumentValueError, "hidden_size must be a positive int"),
+    "unknown argument": (
+        dict(method="scale", arguments={"beta": 1}, layer=1),
+        layerfuse.ArgumentValueError,
+        r"unknown argument\(s\) \['beta'\]",
+    ),
+    "missing argument": (
+        dict(method="scale", layer=1),
+        layerfuse.ArgumentValueError,
+        r"missing argument\(s\) \['alpha'\]",
+    ),
+    "bad argument value": (
+        dict(method="scale", arguments={"alpha": float("nan")}, layer=1),
+        layerfuse.ArgumentValueError,
+        "alpha must be finite",
+    ),
+    "arguments not a mapping": (
+        dict(arguments=[1], layer=1),
+        layerfuse.ArgumentTypeError,
+        "arguments must be a mapping",
+    ),
+    "bad learned size": (
+        dict(method="film", arguments={"hidden_size": 0}, layer=1),
+        layerfuse.ArgumentValueError,
+        "hidden_size must be a positive int",
+    ),
     "no layer": (dict(), layerfuse.ArgumentValueError, "site 'output' needs a layer"),
     "layer not an int": (dict(layer="3"), layerfuse.ArgumentTypeError, "layer must be an int"),
     "module with a layer": (dict(layer=1, site="encoder.layer.0"), layerfuse.ArgumentValueError, "takes no layer"),
-    "unknown approach": (dict(layer=1, approach="graft"), layerfuse.UnknownNameError, "unknown approach 'graft': use one of hook, layer"),
-    "unknown positions": (dict(layer=1, positions="middle"), layerfuse.ArgumentValueError, "unknown positions 'middle'"),
+    "unknown approach": (
+        dict(layer=1, approach="graft"),
+        layerfuse.UnknownNameError,
+        "unknown approach 'graft': use one of hook, layer",
+    ),
+    "unknown positions": (
+        dict(layer=1, positions="middle"),
+        layerfuse.ArgumentValueError,
+        "unknown positions 'middle'",
+    ),
     "mask not boolean": (dict(layer=1, positions=torch.ones(2, 3)), layerfuse.ArgumentTypeError, "boolean"),
 }
 
@@ -130,8 +165,12 @@ def test_fuse_takes_a_config_or_keywords_not_both(tiny):
 def test_a_config_of_a_learned_method_must_fit_the_model_and_info(tiny):
     config = FusionConfig(method="film", arguments={"hidden_size": H, "info_size": 5}, layer=1)
     before = snapshot(tiny)
-    with pytest.raises(layerfuse.ArgumentValueError, match="configured for info_size=5, but the info's last dimension is 6"):
+    with pytest.raises(
+        layerfuse.ArgumentValueError, match="configured for info_size=5, but the info's last dimension is 6"
+    ):
         layerfuse.fuse(tiny, torch.ones(6), config)
-    with pytest.raises(layerfuse.ArgumentValueError, match="configured for hidden_size=64, but the model's hidden size is 32"):
+    with pytest.raises(
+        layerfuse.ArgumentValueError, match="configured for hidden_size=64, but the model's hidden size is 32"
+    ):
         layerfuse.fuse(tiny, torch.ones(5), config.replace(arguments={"hidden_size": 64, "info_size": 5}))
     assert_unchanged(tiny, before)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import layerfuse
 from conftest import TINY, padded_batch, tiny_bert
 from reference import (
     FORMULAS,
@@ -14,8 +16,6 @@ from reference import (
     fixed_formula,
     learned_formula,
 )
-
-import layerfuse
 
 INFO_SHAPES = {"(H,)": lambda b, t, h: (h,), "(B,H)": lambda b, t, h: (b, h), "(B,T,H)": lambda b, t, h: (b, t, h)}
 LAYERS = range(TINY["num_hidden_layers"] + 1)
@@ -59,8 +59,13 @@ def test_tiny_bert_matches_reference(layer, method, shape, attn_implementation):
 @pytest.mark.parametrize("layer", range(7))
 def test_minilm_matches_reference(minilm, layer, method):
     model, tokenizer = minilm
-    batch = dict(tokenizer(["Hello, how are you?", "A longer sentence, so that the batch is padded."],
-                           return_tensors="pt", padding=True))
+    batch = dict(
+        tokenizer(
+            ["Hello, how are you?", "A longer sentence, so that the batch is padded."],
+            return_tensors="pt",
+            padding=True,
+        )
+    )
     assert not batch["attention_mask"].bool().all()
     info = make_info(batch, model.config.hidden_size, "(H,)", method)
     assert_matches_reference(model, batch, info, layer, method)
@@ -122,7 +127,12 @@ FIXED = {
     "project": ("basis", {}),
 }
 LEARNED = {"film": "vector", "gate": "vector", "concat": "vector", "cross_attention": "sequence"}
-SHAPES = {"vector": [(D,), (B, D), (B, T, D)], "basis": [(K, D), (B, K, D)], "sequence": [(K, D), (B, K, D)], "none": [None]}
+SHAPES = {
+    "vector": [(D,), (B, D), (B, T, D)],
+    "basis": [(K, D), (B, K, D)],
+    "sequence": [(K, D), (B, K, D)],
+    "none": [None],
+}
 POSITIONS = {
     "all": "all",
     "tokens": "tokens",
@@ -191,7 +201,9 @@ def test_sites_within_a_block_match_a_hand_written_block(site, layer):
     model, batch = tiny_bert(), padded_batch()
     info = torch.randn(3, TINY["hidden_size"], generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        reference = bert_forward_with_sublayer_edit(model, batch, layer=layer, site=site, edit=lambda h: h + info[:, None, :])
+        reference = bert_forward_with_sublayer_edit(
+            model, batch, layer=layer, site=site, edit=lambda h: h + info[:, None, :]
+        )
     results = [fused_states(model, batch, info, layer=layer, site=site, approach=a) for a in ("hook", "layer")]
     (hook_states, hook_last), (layer_states, layer_last) = results
     assert torch.equal(hook_last, layer_last)

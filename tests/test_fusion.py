@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY, assert_unchanged, snapshot, tiny_bert
 
 import layerfuse
+from conftest import TINY, assert_unchanged, snapshot, tiny_bert
 from layerfuse import FusionConfig
 
 APPROACHES = ["hook", "layer"]
@@ -65,7 +65,9 @@ def test_hidden_states_report_the_fused_value(batch, approach, capture_hooks_fir
 def test_others_hooks_on_the_block_stay_and_see_the_fused_output(tiny, batch, approach):
     block = tiny.encoder.layer[0]
     seen = []
-    theirs = block.register_forward_hook(lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output))
+    theirs = block.register_forward_hook(
+        lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output)
+    )
     theirs_pre = block.register_forward_pre_hook(lambda module, args: None)
     before = snapshot(tiny)
     with layerfuse.fuse(tiny, torch.ones(H), layer=1, approach=approach):
@@ -156,10 +158,18 @@ def test_repr_says_where_how_and_whether_active(tiny):
 
 
 BAD_CALLS = {
-    "layer too high": (dict(layer=4), layerfuse.LayerIndexError, r"layer 4 is out of range for a 3-block model: use 0\.\.3 or -4\.\.-1"),
+    "layer too high": (
+        dict(layer=4),
+        layerfuse.LayerIndexError,
+        r"layer 4 is out of range for a 3-block model: use 0\.\.3 or -4\.\.-1",
+    ),
     "layer too low": (dict(layer=-5), layerfuse.LayerIndexError, "use 0..3 or -4..-1"),
     "layer not an int": (dict(layer=1.0), layerfuse.ArgumentTypeError, "layer must be an int"),
-    "unknown method": (dict(method="nope"), layerfuse.UnknownNameError, "unknown method 'nope': use one of .*addition \\(add\\)"),
+    "unknown method": (
+        dict(method="nope"),
+        layerfuse.UnknownNameError,
+        "unknown method 'nope': use one of .*addition \\(add\\)",
+    ),
     "method not a name": (dict(method=3), layerfuse.ArgumentTypeError, "registered name"),
     "unknown approach": (dict(approach="wrap"), layerfuse.UnknownNameError, "use one of hook, layer"),
     "wrong hidden size": (dict(info=torch.ones(31)), layerfuse.InfoShapeError, r"D = 32, got \(31,\)"),
@@ -168,8 +178,16 @@ BAD_CALLS = {
     "integer info": (dict(info=torch.ones(H, dtype=torch.long)), layerfuse.InfoTypeError, "floating-point.*int64"),
     "not a tensor": (dict(info=[1.0] * H), layerfuse.InfoTypeError, "torch.Tensor"),
     "NaN in info": (dict(info=torch.full((H,), float("nan"))), layerfuse.InfoValueError, "32 NaN or infinite"),
-    "inf in info": (dict(info=torch.ones(H).index_fill(0, torch.tensor([3]), float("inf"))), layerfuse.InfoValueError, "1 NaN"),
-    "overflows the model dtype": (dict(info=torch.full((H,), 1e300, dtype=torch.float64)), layerfuse.InfoValueError, "float32"),
+    "inf in info": (
+        dict(info=torch.ones(H).index_fill(0, torch.tensor([3]), float("inf"))),
+        layerfuse.InfoValueError,
+        "1 NaN",
+    ),
+    "overflows the model dtype": (
+        dict(info=torch.full((H,), 1e300, dtype=torch.float64)),
+        layerfuse.InfoValueError,
+        "float32",
+    ),
 }
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, padded_batch, tiny_bert
 
 import layerfuse
+from conftest import TINY, padded_batch, tiny_bert
 from layerfuse.lab.bench import bench
 
 H = TINY["hidden_size"]
@@ -93,8 +93,15 @@ def test_compile_on_cuda(method):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bench_in_half_precision(device):
-    report = bench(device=device, dtype="bfloat16", shapes=((1, 4),), threads=(1,), methods=("addition",), rounds=1,
-                   memory=device == "cuda")
+    report = bench(
+        device=device,
+        dtype="bfloat16",
+        shapes=((1, 4),),
+        threads=(1,),
+        methods=("addition",),
+        rounds=1,
+        memory=device == "cuda",
+    )
     assert report.device.startswith(device) and report.dtype == "bfloat16"
     assert sorted(report.points[0].timings) == ["hook", "layer", "plain"]
     if device == "cuda":

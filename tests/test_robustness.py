@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from reference import bert_forward, chosen_positions, fixed_formula
 from torch.utils.hooks import RemovableHandle
 
 import layerfuse
+from conftest import TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
+from reference import bert_forward, chosen_positions, fixed_formula
 
 H = TINY["hidden_size"]
 BLOCKS = TINY["num_hidden_layers"]
@@ -52,21 +52,25 @@ def calls(draw):
     lengths = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
     batch, width = len(lengths), max(lengths)
     sizes = st.sampled_from([H, H - 1, batch, batch + 1, width, width + 1, 1])
-    shape = draw(st.one_of(
-        st.sampled_from([(H,), (batch, H), (batch, width, H)]),
-        st.lists(sizes, max_size=4).map(tuple),
-    ))
+    shape = draw(
+        st.one_of(
+            st.sampled_from([(H,), (batch, H), (batch, width, H)]),
+            st.lists(sizes, max_size=4).map(tuple),
+        )
+    )
     dtype = draw(st.sampled_from(DTYPES))
     info = torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))).to(dtype)
     if info.numel() and info.is_floating_point() and draw(st.booleans()) and draw(st.booleans()):
         info.view(-1)[draw(st.integers(0, info.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf")]))
-    positions = draw(st.one_of(
-        st.sampled_from(["all", "tokens", "first", "last", "middle"]),
-        st.lists(st.integers(-8, 8), min_size=1, max_size=3),
-        st.tuples(st.integers(1, 4), st.integers(1, 7)).map(
-            lambda size: torch.rand(size, generator=torch.Generator().manual_seed(sum(size))) > 0.5
-        ),
-    ))
+    positions = draw(
+        st.one_of(
+            st.sampled_from(["all", "tokens", "first", "last", "middle"]),
+            st.lists(st.integers(-8, 8), min_size=1, max_size=3),
+            st.tuples(st.integers(1, 4), st.integers(1, 7)).map(
+                lambda size: torch.rand(size, generator=torch.Generator().manual_seed(sum(size))) > 0.5
+            ),
+        )
+    )
     method = draw(st.sampled_from(sorted(METHOD_ARGUMENTS)))
     arguments = {name: draw(st.floats(-2, 2)) for name in METHOD_ARGUMENTS[method]}
     return {
@@ -93,15 +97,24 @@ def expected_states(call):
     return bert_forward(MODEL, call["batch"], layer=call["layer"] % (BLOCKS + 1), edit=edit)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(calls())
 def test_every_call_gives_the_reference_result_or_a_layerfuse_error(call):
     before = snapshot(MODEL)
     try:
-        with torch.no_grad(), layerfuse.fuse(
-            MODEL, call["info"], layer=call["layer"], method=call["method"], approach=call["approach"],
-            positions=call["positions"], **call["arguments"],
+        with (
+            torch.no_grad(),
+            layerfuse.fuse(
+                MODEL,
+                call["info"],
+                layer=call["layer"],
+                method=call["method"],
+                approach=call["approach"],
+                positions=call["positions"],
+                **call["arguments"],
+            ),
         ):
             states = MODEL(**call["batch"], output_hidden_states=True).hidden_states
     except layerfuse.LayerfuseError as error:
@@ -146,7 +159,9 @@ def live_objects() -> Counter:
     for thing in gc.get_objects():
         kind = type(thing)
         module = getattr(kind, "__module__", None)
-        if (isinstance(module, str) and module.startswith("layerfuse")) or issubclass(kind, (torch.Tensor, RemovableHandle)):
+        if (isinstance(module, str) and module.startswith("layerfuse")) or issubclass(
+            kind, (torch.Tensor, RemovableHandle)
+        ):
             counts[kind.__name__] += 1
     return counts
 

@@ -17,16 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reference import FORMULAS, bert_forward
 from safetensors.numpy import load_file
 from transformers import BertConfig, BertModel
 
 import layerfuse
-from layerfuse.cli import main
 from layerfuse import FusionConfig
+from layerfuse.cli import main
 from layerfuse.run import Embedder, embed_corpus
 from layerfuse.run.corpus import Corpus, Reject, Text
 from layerfuse.run.shards import ShardStore
+from reference import FORMULAS, bert_forward
 
 WORDS = "the a model layer fusion text corpus quick brown fox jumps over lazy dog vector batch token".split()
 
@@ -42,8 +42,12 @@ def small(tmp_path_factory) -> Path:
     _, tokenizer = layerfuse.load_model()
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
     )
     folder = tmp_path_factory.mktemp("small-bert")
     BertModel(config).save_pretrained(folder)
@@ -90,15 +94,31 @@ def test_txt_rows_keep_their_numbers_and_bad_ones_say_why(tmp_path):
 def test_jsonl_bad_rows_each_get_their_reason(tmp_path):
     path = tmp_path / "c.jsonl"
     lines = [
-        b'{"id": 7, "text": "good"}', b"not json", b"", b"[1, 2]", b'{"id": 1}', b'{"id": 2, "text": null}',
-        b'{"id": 3, "text": 5}', b'{"id": 4, "text": "caf\xe9"}', b'{"text": "no id"}', b'{"id": "x", "text": " "}',
+        b'{"id": 7, "text": "good"}',
+        b"not json",
+        b"",
+        b"[1, 2]",
+        b'{"id": 1}',
+        b'{"id": 2, "text": null}',
+        b'{"id": 3, "text": 5}',
+        b'{"id": 4, "text": "caf\xe9"}',
+        b'{"text": "no id"}',
+        b'{"id": "x", "text": " "}',
         b'{"id": "s", "text": "fine"}',
     ]
     path.write_bytes(b"\n".join(lines) + b"\n")
     rows = list(Corpus(path, id_column="id").rows())
     assert [(row.row, row.reason if isinstance(row, Reject) else row.text) for row in rows] == [
-        (0, "good"), (1, "not JSON"), (2, "not JSON"), (3, "not a JSON object"), (4, "missing column"),
-        (5, "missing column"), (6, "not text"), (7, "not UTF-8"), (8, "missing column"), (9, "empty text"),
+        (0, "good"),
+        (1, "not JSON"),
+        (2, "not JSON"),
+        (3, "not a JSON object"),
+        (4, "missing column"),
+        (5, "missing column"),
+        (6, "not text"),
+        (7, "not UTF-8"),
+        (8, "missing column"),
+        (9, "empty text"),
         (10, "fine"),
     ]
     assert rows[0].id == "7" and rows[-1].id == "s"
@@ -115,7 +135,10 @@ def test_csv_rows_are_counted_across_quoted_newlines_and_malformed_rows(tmp_path
     assert corpus.count() == len(rows) == 7
     assert rows[0] == Text(0, "first\nspans two lines", "007")
     assert [(row.row, row.reason) for row in rows if isinstance(row, Reject)] == [
-        (1, "malformed CSV row"), (3, "not UTF-8"), (4, "empty text"), (5, "malformed CSV row"),
+        (1, "malformed CSV row"),
+        (3, "not UTF-8"),
+        (4, "empty text"),
+        (5, "malformed CSV row"),
     ]
     assert rows[6] == Text(6, "last", "7")
 
@@ -126,7 +149,9 @@ def test_parquet_keeps_the_id_type_and_rejects_nulls(tmp_path):
     corpus = Corpus(path, text_column="body", id_column="key")
     assert corpus.id_type == pa.int64()
     assert list(corpus.rows()) == [
-        Text(0, "a text", 10), Reject(1, "missing column", "'body' is null"), Reject(2, "empty text"),
+        Text(0, "a text", 10),
+        Reject(1, "missing column", "'body' is null"),
+        Reject(2, "empty text"),
     ]
 
 
@@ -183,7 +208,8 @@ def test_bucketing_cuts_padding_without_changing_the_embeddings(small):
         numpy.testing.assert_allclose(
             numpy.array(bucketed(table).column("embedding").to_pylist()),
             numpy.array(naive(table).column("embedding").to_pylist()),
-            rtol=1e-4, atol=1e-5,
+            rtol=1e-4,
+            atol=1e-5,
         )
 
 
@@ -194,7 +220,9 @@ def test_truncation_is_flagged_and_matches_a_truncated_forward(small):
     assert table.column("truncated").to_pylist() == [False, True]
     numpy.testing.assert_allclose(
         numpy.array(table.column("embedding").to_pylist(), numpy.float32),
-        reference_embeddings(small, texts, max_length=10), rtol=1e-4, atol=1e-5,
+        reference_embeddings(small, texts, max_length=10),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -217,11 +245,20 @@ def test_a_run_writes_good_rows_in_order_and_lists_the_rejects(small, tmp_path):
     texts = write_corpus(tmp_path / "c.jsonl")
     info = torch.randn(32, generator=torch.Generator().manual_seed(3))
     summary = embed_corpus(
-        tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=FusionConfig(layer=1), info=info,
-        id_column="id", include_text=True, batch_size=4, shard_size=8,
+        tmp_path / "c.jsonl",
+        tmp_path / "out.parquet",
+        model=small,
+        fusion=FusionConfig(layer=1),
+        info=info,
+        id_column="id",
+        include_text=True,
+        batch_size=4,
+        shard_size=8,
     )
     assert (summary.rows, summary.written, summary.rejected) == (
-        30, 27, {"empty text": 1, "not JSON": 1, "not UTF-8": 1},
+        30,
+        27,
+        {"empty text": 1, "not JSON": 1, "not UTF-8": 1},
     )
     table = pq.read_table(tmp_path / "out.parquet")
     good = [i for i in range(30) if i not in (3, 11, 20)]
@@ -274,14 +311,32 @@ def test_nan_embeddings_are_rejected_and_reported_not_written(small, tmp_path, c
     info = torch.zeros(10, 32)
     info[[2, 7]] = 3e38  # finite info, but the next LayerNorm overflows on these rows
     torch.save(info, tmp_path / "info.pt")
-    code = main(["run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "out.parquet"), "--model", str(small),
-                 "--layer", "1", "--info", str(tmp_path / "info.pt"), "--alpha", "10"])
+    code = main(
+        [
+            "run",
+            str(tmp_path / "c.jsonl"),
+            "-o",
+            str(tmp_path / "out.parquet"),
+            "--model",
+            str(small),
+            "--layer",
+            "1",
+            "--info",
+            str(tmp_path / "info.pt"),
+            "--alpha",
+            "10",
+        ]
+    )
     assert code == 1
     assert "warning: 2 rows gave NaN or infinite embeddings and were not written" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "out.parquet").column("row").to_pylist() == [0, 1, 4, 5, 6, 8, 9]
     assert numpy.isfinite(read_embeddings(tmp_path / "out.parquet")).all()
     rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["reason"]) for r in rejects] == [(2, "non-finite output"), (3, "empty text"), (7, "non-finite output")]
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (2, "non-finite output"),
+        (3, "empty text"),
+        (7, "non-finite output"),
+    ]
 
 
 def test_an_all_bad_corpus_gives_an_empty_output(small, tmp_path):
@@ -293,8 +348,23 @@ def test_an_all_bad_corpus_gives_an_empty_output(small, tmp_path):
 
 def test_the_cli_runs_a_csv_and_prints_the_summary(small, tmp_path, capsys):
     (tmp_path / "c.csv").write_text("key,body\n1,a first text\n2,\n3,a third text\n")
-    code = main(["run", str(tmp_path / "c.csv"), "--output", str(tmp_path / "out.parquet"), "--model", str(small),
-                 "--text-column", "body", "--id-column", "key", "--max-length", "4", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(tmp_path / "c.csv"),
+            "--output",
+            str(tmp_path / "out.parquet"),
+            "--model",
+            str(small),
+            "--text-column",
+            "body",
+            "--id-column",
+            "key",
+            "--max-length",
+            "4",
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert f"wrote 2 of 3 rows to {tmp_path / 'out.parquet'}" in out
@@ -322,7 +392,10 @@ def bad_arguments(tmp_path, small):
         ([c, "-o", "x.npy", "--pooling", "none"], "per-token states .* write them to .parquet, not .npy"),
         ([c, "--layer", "1", "--info", "narrow.pt"], r"info must have shape .* with D = 32, got \(31,\)"),
         ([c, "--layer", "1", "--info", "five_rows.pt"], "the info has 5 rows but c.txt has 2: give one info row"),
-        ([c, "--layer", "1", "--info", "per_token.pt"], r"per-token info \(2, 4, 32\) depends on how a batch is padded"),
+        (
+            [c, "--layer", "1", "--info", "per_token.pt"],
+            r"per-token info \(2, 4, 32\) depends on how a batch is padded",
+        ),
         ([c, "--layer", "1"], "method 'addition' combines info into the layer, and none was given"),
         ([c, "--layer", "9", "--method", "scale", "--alpha", "2"], "layer 9 is out of range for a 2-block model"),
         ([c, "--info", "narrow.pt"], r"fusion options \(info\) need --layer or --fusion"),
@@ -360,8 +433,24 @@ def test_a_saved_fusion_at_token_indices_is_refused(small, tmp_path):
 
 
 def run_command(small, tmp_path, output, *extra):
-    return [sys.executable, "-m", "layerfuse", "run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / output),
-            "--model", str(small), "--id-column", "id", "--batch-size", "4", "--shard-size", "16", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "layerfuse",
+        "run",
+        str(tmp_path / "c.jsonl"),
+        "-o",
+        str(tmp_path / output),
+        "--model",
+        str(small),
+        "--id-column",
+        "id",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "16",
+        *extra,
+    ]
 
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run, on a busy machine too
@@ -392,7 +481,9 @@ def test_a_job_killed_mid_run_resumes_to_exactly_the_uninterrupted_output(small,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        embed_corpus(tmp_path / "c.jsonl", tmp_path / "whole.parquet", model=small, id_column="id", batch_size=4, shard_size=16)
+        embed_corpus(
+            tmp_path / "c.jsonl", tmp_path / "whole.parquet", model=small, id_column="id", batch_size=4, shard_size=16
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -405,5 +496,7 @@ def test_a_job_killed_mid_run_resumes_to_exactly_the_uninterrupted_output(small,
 def test_resuming_with_other_settings_is_refused(small, tmp_path):
     write_corpus(tmp_path / "c.jsonl")
     ShardStore(tmp_path / "out.parquet.partial", {"batch_size": 99})
-    with pytest.raises(layerfuse.ArgumentValueError, match=r"cannot resume the run in .*: it was made with other settings"):
+    with pytest.raises(
+        layerfuse.ArgumentValueError, match=r"cannot resume the run in .*: it was made with other settings"
+    ):
         embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, resume=True)

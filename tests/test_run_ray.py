@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from layerfuse.cli import main
 from layerfuse import FusionConfig
+from layerfuse.cli import main
 from layerfuse.run import embed_corpus
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'layerfuse[ray]' (CI installs it)")
@@ -31,21 +31,57 @@ def test_the_ray_engine_writes_the_local_engines_rows(tmp_path, capsys):
     info = torch.randn(60, 384, generator=torch.Generator().manual_seed(0))
     info[50] = 3e38  # finite, but overflows: row 50 must be rejected by both engines
     torch.save(info, tmp_path / "info.pt")
-    options = ["--id-column", "id", "--layer", "3", "--info", str(tmp_path / "info.pt"), "--alpha", "10",
-               "--include-text", "--batch-size", "8", "--shard-size", "16", "--quiet"]
+    options = [
+        "--id-column",
+        "id",
+        "--layer",
+        "3",
+        "--info",
+        str(tmp_path / "info.pt"),
+        "--alpha",
+        "10",
+        "--include-text",
+        "--batch-size",
+        "8",
+        "--shard-size",
+        "16",
+        "--quiet",
+    ]
 
-    assert main(["run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2",
-                 *options]) == 1
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "c.jsonl"),
+                "-o",
+                str(tmp_path / "ray"),
+                "--engine",
+                "ray",
+                "--workers",
+                "2",
+                *options,
+            ]
+        )
+        == 1
+    )
     assert not ray.is_initialized()
     report = capsys.readouterr().out
-    assert "wrote 57 of 60 rows" in report and "rejected 3 rows (1 empty text, 1 non-finite output, 1 not JSON)" in report
+    assert (
+        "wrote 57 of 60 rows" in report and "rejected 3 rows (1 empty text, 1 non-finite output, 1 not JSON)" in report
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray worker, which has one CPU
     try:
         local = embed_corpus(
-            tmp_path / "c.jsonl", tmp_path / "local.parquet", id_column="id", include_text=True, batch_size=8,
-            shard_size=16, fusion=FusionConfig(layer=3, arguments={"alpha": 10.0}), info=info,
+            tmp_path / "c.jsonl",
+            tmp_path / "local.parquet",
+            id_column="id",
+            include_text=True,
+            batch_size=8,
+            shard_size=16,
+            fusion=FusionConfig(layer=3, arguments={"alpha": 10.0}),
+            info=info,
         )
     finally:
         torch.set_num_threads(threads)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, assert_unchanged, snapshot, tiny_bert
 from safetensors.torch import load_file, save_file
 
 import layerfuse
+from conftest import TINY, assert_unchanged, snapshot, tiny_bert
 
 H = TINY["hidden_size"]
 
@@ -25,10 +25,19 @@ CASES = {
     "addition": dict(info=torch.randn(H), method="addition", alpha=0.5),
     "clamp-tokens": dict(info=torch.randn(3, H), method="clamp", value=1.5, positions="tokens"),
     "project-indices": dict(info=torch.randn(2, H), method="project", positions=[0, -1]),
-    "scale-mask": dict(info=None, method="scale", alpha=2.0, positions=torch.tensor([[True] * 7, [False] * 7, [True, False] * 3 + [True]])),
+    "scale-mask": dict(
+        info=None,
+        method="scale",
+        alpha=2.0,
+        positions=torch.tensor([[True] * 7, [False] * 7, [True, False] * 3 + [True]]),
+    ),
     "film": dict(info=torch.randn(3, 5), method=randomised(layerfuse.Film(hidden_size=H, info_size=5))),
     "gate": dict(info=torch.randn(3, 7, 5), method=randomised(layerfuse.Gate(hidden_size=H, info_size=5, beta=0.5))),
-    "cross_attention": dict(info=torch.randn(4, 6), method=randomised(layerfuse.CrossAttention(hidden_size=H, info_size=6, heads=2)), positions="last"),
+    "cross_attention": dict(
+        info=torch.randn(4, 6),
+        method=randomised(layerfuse.CrossAttention(hidden_size=H, info_size=6, heads=2)),
+        positions="last",
+    ),
 }
 
 
@@ -56,7 +65,9 @@ def test_save_then_load_round_trips_bitwise(tmp_path, tiny, batch, case, approac
 def test_load_can_change_approach_and_info(tmp_path, tiny, batch):
     with layerfuse.fuse(tiny, torch.randn(H), layer=1) as fusion:
         fusion.save(tmp_path)
-    with layerfuse.load_fusion(tmp_path, tiny, config=layerfuse.load_config(tmp_path).replace(approach="layer"), info=torch.ones(H)) as loaded:
+    with layerfuse.load_fusion(
+        tmp_path, tiny, config=layerfuse.load_config(tmp_path).replace(approach="layer"), info=torch.ones(H)
+    ) as loaded:
         assert loaded.approach == "layer" and torch.equal(loaded.info.source, torch.ones(H))
 
 
@@ -81,7 +92,10 @@ BAD_FILES = {
     "no tensors": (lambda f: (f / "fusion.safetensors").unlink(), "fusion.safetensors is missing"),
     "config not JSON": (lambda f: (f / "fusion_config.json").write_text("{oops"), "not valid JSON"),
     "tensors corrupt": (lambda f: (f / "fusion.safetensors").write_bytes(b"\x00" * 16), "not a valid safetensors file"),
-    "newer format": (lambda f: edit_config(f, format_version=3), "format version 3; this layerfuse reads versions 1 and 2"),
+    "newer format": (
+        lambda f: edit_config(f, format_version=3),
+        "format version 3; this layerfuse reads versions 1 and 2",
+    ),
     "unknown method": (lambda f: edit_config(f, method="telepathy"), "'telepathy', which is not registered"),
     "other hidden size": (lambda f: edit_config(f, hidden_size=64), "saved for hidden size 64, this model's is 32"),
     "bad arguments": (lambda f: edit_config(f, arguments={"beta": 1}), "does not rebuild a Addition"),
@@ -133,10 +147,21 @@ def test_a_folder_of_format_version_1_loads(tmp_path, tiny, batch):
     generator = torch.Generator().manual_seed(8)
     info, mask = torch.randn(H, generator=generator), torch.rand(3, 7, generator=generator) > 0.5
     save_file({"info": info, "positions": mask}, tmp_path / "fusion.safetensors", metadata={"format": "pt"})
-    (tmp_path / "fusion_config.json").write_text(json.dumps({
-        "format_version": 1, "method": "clamp", "arguments": {"value": 1.5}, "layer": 2, "site": "output",
-        "approach": "layer", "positions": None, "hidden_size": H, "model_type": "bert",
-    }))
+    (tmp_path / "fusion_config.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "method": "clamp",
+                "arguments": {"value": 1.5},
+                "layer": 2,
+                "site": "output",
+                "approach": "layer",
+                "positions": None,
+                "hidden_size": H,
+                "model_type": "bert",
+            }
+        )
+    )
     with torch.no_grad():
         with layerfuse.load_fusion(tmp_path, tiny) as loaded:
             assert loaded.approach == "layer" and loaded.config.arguments == {"value": 1.5}

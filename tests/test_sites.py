@@ -8,8 +8,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 import layerfuse
-from layerfuse import FusionConfig
 from conftest import TINY, assert_unchanged, snapshot
+from layerfuse import FusionConfig
 from layerfuse.sites import find_blocks, resolve_site
 
 
@@ -84,11 +84,23 @@ def test_a_named_module_works_where_blocks_cannot_be_found():
 
 
 BAD_SITES = {
-    "unknown site": (dict(layer=1, site="ffn"), layerfuse.ArgumentValueError, "unknown site 'ffn': use one of output, input, attention, mlp, embeddings"),
-    "module and layer": (dict(layer=1, site="encoder.layer.0"), layerfuse.ArgumentValueError, "if 'encoder.layer.0' is a module name, it takes no layer"),
+    "unknown site": (
+        dict(layer=1, site="ffn"),
+        layerfuse.ArgumentValueError,
+        "unknown site 'ffn': use one of output, input, attention, mlp, embeddings",
+    ),
+    "module and layer": (
+        dict(layer=1, site="encoder.layer.0"),
+        layerfuse.ArgumentValueError,
+        "if 'encoder.layer.0' is a module name, it takes no layer",
+    ),
     "no layer": (dict(site="mlp"), layerfuse.ArgumentValueError, "site 'mlp' needs a layer"),
     "embeddings at 2": (dict(layer=2, site="embeddings"), layerfuse.ArgumentValueError, "site 'embeddings' is layer 0"),
-    "input of layer 0": (dict(layer=0, site="input"), layerfuse.ArgumentValueError, "layer 0 is the embeddings' output, it has no 'input'"),
+    "input of layer 0": (
+        dict(layer=0, site="input"),
+        layerfuse.ArgumentValueError,
+        "layer 0 is the embeddings' output, it has no 'input'",
+    ),
     "site not a string": (dict(layer=1, site=3), layerfuse.ArgumentTypeError, "site must be a string"),
 }
 
@@ -106,5 +118,11 @@ def test_positions_that_need_the_attention_mask_refuse_a_model_without_one():
     model = TwoStacks()
     before = snapshot(model)
     with pytest.raises(layerfuse.ArchitectureError, match="forward takes none: give token indices or a boolean mask"):
-        layerfuse.fuse_many(model, [(FusionConfig(site="decoder.0"), torch.ones(32)), (FusionConfig(site="decoder.1", positions="tokens"), torch.ones(32))])
+        layerfuse.fuse_many(
+            model,
+            [
+                (FusionConfig(site="decoder.0"), torch.ones(32)),
+                (FusionConfig(site="decoder.1", positions="tokens"), torch.ones(32)),
+            ],
+        )
     assert_unchanged(model, before)

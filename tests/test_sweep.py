@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import numpy
 import pytest
 import torch
-from architectures import build
-from conftest import TINY, assert_unchanged, padded_batch, snapshot
 from safetensors.torch import load_file
 from torch import nn
 
 import layerfuse
+from architectures import build
+from conftest import TINY, assert_unchanged, padded_batch, snapshot
 from layerfuse.cli import main
 from layerfuse.lab.sweep_report import write_outputs
 from layerfuse.sweep import cost_bound
@@ -23,7 +23,10 @@ B, T = 3, 7
 GENERATOR = torch.Generator().manual_seed(3)
 CASES = {
     "addition (H,)": (dict(method="addition"), torch.randn(5, H, generator=GENERATOR)),
-    "addition (B,H) tokens": (dict(method="addition", alpha=0.5, positions="tokens"), torch.randn(5, B, H, generator=GENERATOR)),
+    "addition (B,H) tokens": (
+        dict(method="addition", alpha=0.5, positions="tokens"),
+        torch.randn(5, B, H, generator=GENERATOR),
+    ),
     "multiplication (B,T,H)": (dict(method="multiplication"), torch.randn(5, B, T, H, generator=GENERATOR)),
     "interpolate first": (dict(method="interpolate", positions="first"), torch.randn(5, H, generator=GENERATOR)),
     "replace last": (dict(method="replace", positions="last"), torch.randn(5, H, generator=GENERATOR)),
@@ -62,14 +65,18 @@ def test_bitwise_where_the_fused_layer_is_the_output(tiny, batch, case):
     """At the last block of a BERT the output is the fused hidden state: the same arithmetic, bit for bit."""
     options, infos = CASES[case]
     layer = TINY["num_hidden_layers"]
-    assert torch.equal(layerfuse.sweep(tiny, batch, infos, layer=layer, **options), separate(tiny, batch, infos, layer, **options))
+    assert torch.equal(
+        layerfuse.sweep(tiny, batch, infos, layer=layer, **options), separate(tiny, batch, infos, layer, **options)
+    )
 
 
 def test_chunking_does_not_change_the_result(tiny, batch):
     infos = CASES["addition (H,)"][1]
     whole = layerfuse.sweep(tiny, batch, infos, layer=2)
     for chunk_size in (1, 2, 4, 100):
-        torch.testing.assert_close(layerfuse.sweep(tiny, batch, infos, layer=2, chunk_size=chunk_size), whole, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            layerfuse.sweep(tiny, batch, infos, layer=2, chunk_size=chunk_size), whole, rtol=0, atol=1e-6
+        )
 
 
 def test_a_sequence_of_infos_is_a_stacked_tensor(tiny, batch):
@@ -172,7 +179,11 @@ BAD = {
     "no info method": (dict(method="scale", alpha=2.0), layerfuse.ArgumentValueError, "nothing to sweep"),
     "bad chunk": (dict(chunk_size=0), layerfuse.ArgumentValueError, "chunk_size"),
     "bad layer": (dict(layer=9), layerfuse.LayerIndexError, "out of range"),
-    "bad positions mask": (dict(positions=torch.ones(B, T + 1, dtype=torch.bool)), layerfuse.InfoShapeError, "positions mask"),
+    "bad positions mask": (
+        dict(positions=torch.ones(B, T + 1, dtype=torch.bool)),
+        layerfuse.InfoShapeError,
+        "positions mask",
+    ),
 }
 
 
@@ -213,8 +224,26 @@ def test_cli(tmp_path, capsys, minilm):
     infos = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     torch.save(infos, tmp_path / "infos.pt")
     texts = ["Hello, how are you?", "A padded batch of two."]
-    code = main(["sweep", "--infos", str(tmp_path / "infos.pt"), "--layer", "5", "--method", "clamp", "--value", "2",
-                 "--text", texts[0], "--text", texts[1], "--output", str(tmp_path / "out.safetensors"), "--json"])
+    code = main(
+        [
+            "sweep",
+            "--infos",
+            str(tmp_path / "infos.pt"),
+            "--layer",
+            "5",
+            "--method",
+            "clamp",
+            "--value",
+            "2",
+            "--text",
+            texts[0],
+            "--text",
+            texts[1],
+            "--output",
+            str(tmp_path / "out.safetensors"),
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, padded_batch
 from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
 import layerfuse
+from conftest import TINY, padded_batch
 
 INFO_SIZE = 8
 

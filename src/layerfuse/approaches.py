@@ -59,8 +59,13 @@ def fuse_outputs(fusions: list[Fusion], output: Any) -> Any:
     return output
 
 
-def _attach(key: str, module: nn.Module, fusion: Fusion, install: Callable[[_Attached, str], None],
-            uninstall: Callable[[_Attached, str], None]) -> Detach:
+def _attach(
+    key: str,
+    module: nn.Module,
+    fusion: Fusion,
+    install: Callable[[_Attached, str], None],
+    uninstall: Callable[[_Attached, str], None],
+) -> Detach:
     attached = module.__dict__.get(key)
     if attached is None:
         attached = module.__dict__[key] = _Attached()

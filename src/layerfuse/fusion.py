@@ -248,9 +248,7 @@ class FusionGroup(Sequence[Fusion]):
         self.remove()
 
 
-def fuse_many(
-    model: nn.Module, fusions: Sequence[tuple[FusionConfig, torch.Tensor | None]]
-) -> FusionGroup:
+def fuse_many(model: nn.Module, fusions: Sequence[tuple[FusionConfig, torch.Tensor | None]]) -> FusionGroup:
     """Attach several fusions at once, each a `(config, info)` pair; all are checked before any is attached.
 
     On one module they apply in the order given.

@@ -118,9 +118,7 @@ class Info:
             self.source = self.tensor = None
             return
         if not isinstance(info, torch.Tensor):
-            raise InfoTypeError(
-                f"info must be a torch.Tensor, got {type(info).__name__}: use torch.as_tensor(info)"
-            )
+            raise InfoTypeError(f"info must be a torch.Tensor, got {type(info).__name__}: use torch.as_tensor(info)")
         if not info.is_floating_point():
             raise InfoTypeError(f"info must be a floating-point tensor, got dtype {info.dtype}: use info.float()")
         shapes = LAYOUTS[layout]

@@ -14,13 +14,12 @@ tensor([[False,  True, False, False],
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
 from .errors import ArgumentTypeError, ArgumentValueError, InfoShapeError
 
-PositionsLike = Union[str, Sequence[int], torch.Tensor]
+PositionsLike = str | Sequence[int] | torch.Tensor
 NAMED = ("all", "tokens", "first", "last")
 
 
@@ -44,8 +43,10 @@ class Positions:
                     f"of shape {tuple(positions.shape)}"
                 )
             self.mask = positions.detach().clone()
-        elif isinstance(positions, Sequence) and positions and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in positions
+        elif (
+            isinstance(positions, Sequence)
+            and positions
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in positions)
         ):
             self.indices = list(positions)
         else:

@@ -150,8 +150,7 @@ def load_fusion(
     hidden_size = model.config.hidden_size
     if facts["hidden_size"] != hidden_size:
         raise FileFormatError(
-            f"the fusion in {folder} was saved for hidden size {facts['hidden_size']!r}, "
-            f"this model's is {hidden_size}"
+            f"the fusion in {folder} was saved for hidden size {facts['hidden_size']!r}, this model's is {hidden_size}"
         )
     config = saved if config is None else config
     if config.method != saved.method or dict(config.arguments) != dict(saved.arguments):

@@ -41,7 +41,9 @@ class Layout:
     embeddings: tuple[str, ...] = ()
 
 
-_BERT = Layout(blocks="encoder.layer", attention="attention.output.dense", mlp="output.dense", embeddings=("embeddings",))
+_BERT = Layout(
+    blocks="encoder.layer", attention="attention.output.dense", mlp="output.dense", embeddings=("embeddings",)
+)
 # ModernBERT normalises after its last block, and transformers 4.x reports the raw output as hidden_states[N].
 _MODERNBERT_NORM = "final_norm" if int(transformers.__version__.split(".")[0]) >= 5 else None
 _DECODER = Layout(blocks="layers", attention="self_attn", mlp="mlp", final_norm="norm")
@@ -58,7 +60,9 @@ LAYOUTS: dict[str, Layout] = {
         embeddings=("encoder.embedding_hidden_mapping_in",),
     ),
     "distilbert": Layout(blocks="transformer.layer", attention="attention", mlp="ffn", embeddings=("embeddings",)),
-    "modernbert": Layout(blocks="layers", attention="attn", mlp="mlp", final_norm=_MODERNBERT_NORM, embeddings=("embeddings",)),
+    "modernbert": Layout(
+        blocks="layers", attention="attn", mlp="mlp", final_norm=_MODERNBERT_NORM, embeddings=("embeddings",)
+    ),
     "gpt2": Layout(blocks="h", attention="attn", mlp="mlp", final_norm="ln_f", embeddings=("drop",)),
     "llama": _DECODER,
     "mistral": _DECODER,

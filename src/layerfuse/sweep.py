@@ -80,9 +80,7 @@ def sweep(
     (default: as many as fit in `CHUNK_TOKENS` for the model's device). Everything is checked before the model runs;
     the model is left as it was.
     """
-    config, instance = config_or_keywords(
-        config, layer=layer, method=method, positions=positions, **method_arguments
-    )
+    config, instance = config_or_keywords(config, layer=layer, method=method, positions=positions, **method_arguments)
     if config.site not in ("output", "embeddings"):
         raise ArgumentValueError(
             f"sweep fuses the output of a layer (site 'output'), not site {config.site!r}: "
@@ -102,7 +100,9 @@ def sweep(
     )
     if fusion_method.info_layout == "none":
         name = fusion_method.method_name or type(fusion_method).__name__
-        raise ArgumentValueError(f"method {name!r} takes no info, so there is nothing to sweep: use a method that takes info")
+        raise ArgumentValueError(
+            f"method {name!r} takes no info, so there is nothing to sweep: use a method that takes info"
+        )
     per_example = _per_example(stacked, fusion_method.info_layout, fusion_method.info_dim(hidden_size), batch, tokens)
     mask = config.positions if isinstance(config.positions, torch.Tensor) else None
     if mask is not None and tuple(mask.shape) != (batch, tokens):

@@ -32,11 +32,18 @@ def check_point(point: Point, rounds: int) -> None:
 
 def test_grid_every_method_and_costs():
     report = bench(
-        shapes=((1, 4), (2, 8)), method_shapes=((1, 4),), threads=(1,), methods=("addition", "ablate", "scale"),
-        rounds=2, memory=False,
+        shapes=((1, 4), (2, 8)),
+        method_shapes=((1, 4),),
+        threads=(1,),
+        methods=("addition", "ablate", "scale"),
+        rounds=2,
+        memory=False,
     )
     assert [(p.batch, p.tokens, p.threads, p.method) for p in report.points] == [
-        (1, 4, 1, "addition"), (1, 4, 1, "ablate"), (1, 4, 1, "scale"), (2, 8, 1, "addition"),
+        (1, 4, 1, "addition"),
+        (1, 4, 1, "ablate"),
+        (1, 4, 1, "scale"),
+        (2, 8, 1, "addition"),
     ]
     for point in report.points:
         check_point(point, rounds=2)
@@ -63,7 +70,13 @@ def test_grid_every_method_and_costs():
 
 def test_compiled_forwards():
     report = bench(
-        shapes=((1, 4),), threads=(1,), methods=(), rounds=1, memory=False, compiled=True, compile_shapes=((1, 4),),
+        shapes=((1, 4),),
+        threads=(1,),
+        methods=(),
+        rounds=1,
+        memory=False,
+        compiled=True,
+        compile_shapes=((1, 4),),
         compile_backend="eager",
     )
     assert len(report.compiled) == 1
@@ -92,7 +105,15 @@ def test_a_failed_memory_probe_is_a_measurement_error(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", lambda argv, **options: popen(failing, **options))
     with pytest.raises(layerfuse.MeasurementError, match="the plain memory probe failed:\nprobe broke"):
         measure_memory(
-            None, method="addition", layer=1, batch=1, tokens=4, threads=1, device="cpu", dtype="float32", hidden_size=384
+            None,
+            method="addition",
+            layer=1,
+            batch=1,
+            tokens=4,
+            threads=1,
+            device="cpu",
+            dtype="float32",
+            hidden_size=384,
         )
 
 
@@ -105,8 +126,15 @@ def synthetic_report(compiled: bool) -> Report:
     points = [point(b, t, n, 1.01) for n in (1, 2) for b, t in ((1, 8), (8, 64))]
     cost = Cost("addition", 1, 8, 1, Summary(1e-5, 1e-5, 1e-5), 1e-2)
     return Report(
-        model="m", layer=3, method="addition", device="cpu", dtype="float32", environment=environment(torch.device("cpu")),
-        points=points, costs=[cost], compiled=[point(1, 8, 2, 0.99)] if compiled else [],
+        model="m",
+        layer=3,
+        method="addition",
+        device="cpu",
+        dtype="float32",
+        environment=environment(torch.device("cpu")),
+        points=points,
+        costs=[cost],
+        compiled=[point(1, 8, 2, 0.99)] if compiled else [],
     )
 
 
@@ -123,7 +151,9 @@ def test_rounds_fit_the_default_grid():
 
 def test_cli_json_and_plot(tmp_path, capsys):
     png = tmp_path / "bench.png"
-    code = main(["bench", "--shapes", "1x4", "--threads", "1", "--rounds", "1", "--no-memory", "--json", "--plot", str(png)])
+    code = main(
+        ["bench", "--shapes", "1x4", "--threads", "1", "--rounds", "1", "--no-memory", "--json", "--plot", str(png)]
+    )
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert [(p["batch"], p["tokens"], p["method"]) for p in data["points"]] == [(1, 4, "addition")]

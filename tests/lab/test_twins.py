@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_unchanged, snapshot
 from layerfuse import fuse
 from layerfuse.lab.twins import shared_copy, side_by_side
-
-from conftest import assert_unchanged, snapshot
 from reference import FORMULAS, bert_forward
 
 
@@ -16,7 +15,9 @@ def test_a_shared_copy_holds_the_same_tensors_in_new_modules(tiny):
     twin = shared_copy(tiny)
     assert twin is not tiny and twin.encoder.layer[0] is not tiny.encoder.layer[0]
     for (name, tensor), (twin_name, twin_tensor) in zip(
-        [*tiny.named_parameters(), *tiny.named_buffers()], [*twin.named_parameters(), *twin.named_buffers()], strict=True
+        [*tiny.named_parameters(), *tiny.named_buffers()],
+        [*twin.named_parameters(), *twin.named_buffers()],
+        strict=True,
     ):
         assert name == twin_name and twin_tensor is tensor
 
@@ -24,7 +25,9 @@ def test_a_shared_copy_holds_the_same_tensors_in_new_modules(tiny):
 def test_each_twin_runs_its_own_fusion_and_the_model_stays_plain(tiny, batch):
     before = snapshot(tiny)
     info = torch.randn(32, generator=torch.Generator().manual_seed(3))
-    fusions = {a: (lambda twin, a=a: fuse(twin, info, layer=2, method="addition", approach=a)) for a in ("hook", "layer")}
+    fusions = {
+        a: (lambda twin, a=a: fuse(twin, info, layer=2, method="addition", approach=a)) for a in ("hook", "layer")
+    }
     with torch.no_grad(), side_by_side(tiny, fusions) as networks:
         assert list(networks) == ["plain", "hook", "layer"] and networks["plain"] is tiny
         assert_unchanged(tiny, before)

@@ -35,18 +35,24 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_layer_option(parser)
     add_method_option(parser, help="the grid's fixed method (default: addition)")
     parser.add_argument(
-        "--shapes", type=shapes_argument, metavar="BxT,...",
+        "--shapes",
+        type=shapes_argument,
+        metavar="BxT,...",
         help="batch x tokens shapes (default: the standard grid's, which the report lists)",
     )
     parser.add_argument(
-        "--threads", type=counts_argument, metavar="N,...", help="CPU thread counts (default: the standard grid's)",
+        "--threads",
+        type=counts_argument,
+        metavar="N,...",
+        help="CPU thread counts (default: the standard grid's)",
     )
     parser.add_argument(
         "--rounds", type=int, help="timed forwards per variant at every shape (default: by shape, 80 down to 6)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument(
-        "--compile", action="store_true",
+        "--compile",
+        action="store_true",
         help="also time torch.compile(fullgraph=True) plain against fused forwards (adds about a minute of compiling)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")

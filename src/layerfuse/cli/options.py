@@ -159,14 +159,23 @@ def add_fusion_options(
     add_layer_option(parser, layer)
     add_method_option(parser)
     parser.add_argument(
-        "--arg", action=MethodArguments, type=method_argument, dest="arguments", metavar="NAME=VALUE",
+        "--arg",
+        action=MethodArguments,
+        type=method_argument,
+        dest="arguments",
+        metavar="NAME=VALUE",
         help="an argument of the method, such as beta=0.5 or heads=2; repeat for more (see 'layerfuse methods'). "
         "Values are ints, floats, true or false, else text",
     )
     for name, methods in (("alpha", "addition, scale, interpolate"), ("value", "clamp")):
         parser.add_argument(
-            f"--{name}", action=MethodArguments, name=name, type=method_value, dest="arguments",
-            metavar=name.upper(), help=f"the method's {name} ({methods}), the same as --arg {name}={name.upper()}",
+            f"--{name}",
+            action=MethodArguments,
+            name=name,
+            type=method_value,
+            dest="arguments",
+            metavar=name.upper(),
+            help=f"the method's {name} ({methods}), the same as --arg {name}={name.upper()}",
         )
     if info is not None:
         parser.add_argument("--info", metavar="FILE", help=info)
@@ -214,7 +223,10 @@ def _refuse_taken_names(arguments: dict[str, Any], functions: Sequence[Callable[
 def add_texts_option(parser: argparse.ArgumentParser) -> None:
     """--text, repeatable: the texts of the batch."""
     parser.add_argument(
-        "--text", action="append", dest="texts", metavar="TEXT",
+        "--text",
+        action="append",
+        dest="texts",
+        metavar="TEXT",
         help=f"a text of the batch; repeat for more (default: {len(DEFAULT_TEXTS)} texts of different lengths)",
     )
 

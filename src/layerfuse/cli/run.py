@@ -29,7 +29,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("input", metavar="INPUT", help=".txt (one text a line), .jsonl, .csv or .parquet")
     parser.add_argument(
-        "--output", "-o", required=True, metavar="OUT",
+        "--output",
+        "-o",
+        required=True,
+        metavar="OUT",
         help=".parquet (row, id, text, embedding), .npy or .safetensors; with --engine ray, a folder of Parquet files",
     )
     add_model_option(parser)
@@ -49,7 +52,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--id-column", metavar="NAME", help="a column carried to the output as id")
     parser.add_argument("--include-text", action="store_true", help="write the texts to the Parquet output too")
     parser.add_argument(
-        "--pooling", default="mean", metavar="NAME",
+        "--pooling",
+        default="mean",
+        metavar="NAME",
         help="mean over real tokens (default), cls (first token), or none: every real token's state (Parquet only)",
     )
     parser.add_argument(
@@ -57,7 +62,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward (default: 32)")
     parser.add_argument(
-        "--shard-size", type=int, default=4096, metavar="ROWS",
+        "--shard-size",
+        type=int,
+        default=4096,
+        metavar="ROWS",
         help="rows per shard, the most a kill can lose (default: 4096)",
     )
     parser.add_argument(
@@ -128,4 +136,3 @@ def run_fusion(args: argparse.Namespace) -> tuple[FusionConfig | None, torch.Ten
             raise ArgumentValueError(f"fusion options ({', '.join(given)}) need --layer or --fusion")
         return None, None
     return FusionConfig(**options), info
-

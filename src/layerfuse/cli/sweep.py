@@ -49,7 +49,11 @@ def execute(args: argparse.Namespace) -> int:
     fusion = fusion_options(args, passed_to=(sweep_report, sweep))
     arguments = fusion.pop("arguments", {})
     report, outputs = sweep_report(
-        args.model, read_info(args.infos), **fusion, texts=args.texts or DEFAULT_TEXTS, chunk_size=args.chunk_size,
+        args.model,
+        read_info(args.infos),
+        **fusion,
+        texts=args.texts or DEFAULT_TEXTS,
+        chunk_size=args.chunk_size,
         **arguments,
     )
     if args.output:

@@ -58,15 +58,13 @@ class Comparison(Interleaved):
         lines = [
             f"model   {self.model}",
             f"fusion  {self.method} at layer {self.layer}, padded batch of {batch} x {tokens} tokens",
-            f"hook vs layer: {'identical' if self.identical else 'DIFFERENT'} "
-            f"(max abs diff {self.max_abs_diff:.3g})",
+            f"hook vs layer: {'identical' if self.identical else 'DIFFERENT'} (max abs diff {self.max_abs_diff:.3g})",
             f"fusion changed the output by up to {self.fusion_change:.3g} (real tokens)",
             "",
             f"{'variant':<8} {'median':>10} {'vs plain':>9}   ({self.rounds} interleaved runs)",
         ]
         lines += [
-            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name).median:>8.3f}x"
-            for name, t in self.timings.items()
+            f"{name:<8} {t.median * 1e3:>8.2f}ms {self.ratio(name).median:>8.3f}x" for name, t in self.timings.items()
         ]
         return "\n".join(lines)
 
@@ -106,9 +104,7 @@ def compare(
         return network(**batch, **options)
 
     def fused(model: nn.Module, approach: str) -> Fusion:
-        return fuse(
-            model, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments
-        )
+        return fuse(model, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments)
 
     with torch.inference_mode():
         plain = forward().last_hidden_state
@@ -121,7 +117,9 @@ def compare(
         real = batch["attention_mask"].bool()
         twins = {a: functools.partial(fused, approach=a) for a in APPROACHES}
         with side_by_side(network, twins) as networks:
-            times = time_calls({name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats)
+            times = time_calls(
+                {name: functools.partial(net, **batch) for name, net in networks.items()}, repeats=repeats
+            )
     return Comparison(
         model=model_label(model),
         layer=layer,

@@ -81,7 +81,14 @@ def sweep_report(
     batch = dict(tokenizer(list(texts), return_tensors="pt", padding=True))
     start = time.perf_counter()
     outputs = sweep(
-        network, batch, infos, layer=layer, method=method, positions=positions, chunk_size=chunk_size, **method_arguments
+        network,
+        batch,
+        infos,
+        layer=layer,
+        method=method,
+        positions=positions,
+        chunk_size=chunk_size,
+        **method_arguments,
     )
     seconds = time.perf_counter() - start
     with torch.no_grad():

@@ -162,9 +162,7 @@ def make_method(
             )
         return method
     if not isinstance(method, str):
-        raise ArgumentTypeError(
-            f"method must be a registered name or a layerfuse.Method, got {type(method).__name__}"
-        )
+        raise ArgumentTypeError(f"method must be a registered name or a layerfuse.Method, got {type(method).__name__}")
     cls = check_arguments(method, arguments)
     if cls.learned:
         given = {"hidden_size": hidden_size, "info_size": info_size}

@@ -43,8 +43,7 @@ class LearnedMethod(Method):
     def info_dim(self, hidden_size: int) -> int:
         if hidden_size != self.hidden_size:
             raise ArgumentValueError(
-                f"this {type(self).__name__} was built for hidden size {self.hidden_size}, "
-                f"the model's is {hidden_size}"
+                f"this {type(self).__name__} was built for hidden size {self.hidden_size}, the model's is {hidden_size}"
             )
         return self.info_size
 

@@ -1,15 +1,15 @@
 """`layerfuse run`: fused embeddings for a whole corpus, resumable and bad-row tolerant, locally or on Ray.
 
-    corpus.py      read .txt, .jsonl, .csv, .parquet row by row; bad rows become rejects
-    fusion.py      the run's FusionConfig and info: checked to suit a run, attached to each model, described
-    embedding.py   Embedder: length-sorted batches under inference mode, pooling, NaN and truncation flags
-    tables.py      shards of the corpus as Arrow tables; the output's columns
-    shards.py      ShardStore: shards and manifest with atomic renames, for resuming
-    formats.py     the finished output: .parquet, .npy, .safetensors
-    summary.py     RunSummary and its report
-    job.py         embed_corpus: check everything, then run an engine
-    local.py       the local engine
-    ray_engine.py  the Ray Data engine
+corpus.py      read .txt, .jsonl, .csv, .parquet row by row; bad rows become rejects
+fusion.py      the run's FusionConfig and info: checked to suit a run, attached to each model, described
+embedding.py   Embedder: length-sorted batches under inference mode, pooling, NaN and truncation flags
+tables.py      shards of the corpus as Arrow tables; the output's columns
+shards.py      ShardStore: shards and manifest with atomic renames, for resuming
+formats.py     the finished output: .parquet, .npy, .safetensors
+summary.py     RunSummary and its report
+job.py         embed_corpus: check everything, then run an engine
+local.py       the local engine
+ray_engine.py  the Ray Data engine
 """
 
 from .embedding import POOLINGS, Embedder

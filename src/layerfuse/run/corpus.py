@@ -139,8 +139,12 @@ class Corpus:
             raise FileFormatError(f"cannot read {self.path} as Parquet: {error}") from error
         self._check_columns(columns, schema.names, "its columns are")
         text_type = schema.field(self.text_column).type
-        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_binary(text_type)
-                or pa.types.is_large_binary(text_type)):
+        if not (
+            pa.types.is_string(text_type)
+            or pa.types.is_large_string(text_type)
+            or pa.types.is_binary(text_type)
+            or pa.types.is_large_binary(text_type)
+        ):
             raise ArgumentValueError(f"column {self.text_column!r} of {self.path.name} holds {text_type}, not text")
         if self.id_column:
             self.id_type = schema.field(self.id_column).type

@@ -80,9 +80,15 @@ class Job:
         for shard in shards:
             rejected.update(shard["rejected"])
         return RunSummary(
-            self.output, self.rejects, rows=self.rows, written=sum(shard["written"] for shard in shards),
-            truncated=sum(shard["truncated"] for shard in shards), max_length=self.embedder["max_length"],
-            rejected=dict(rejected), resumed=resumed, seconds=seconds,
+            self.output,
+            self.rejects,
+            rows=self.rows,
+            written=sum(shard["written"] for shard in shards),
+            truncated=sum(shard["truncated"] for shard in shards),
+            max_length=self.embedder["max_length"],
+            rejected=dict(rejected),
+            resumed=resumed,
+            seconds=seconds,
         )
 
 
@@ -157,7 +163,13 @@ def embed_corpus(
     rows = corpus.count()
     fusion, info = run_fusion(fusion, info, saved)
     settings: dict[str, Any] = {
-        "model": model, "fusion": fusion, "info": info, "saved": saved, "pooling": pooling, "max_length": max_length, "batch_size": batch_size,
+        "model": model,
+        "fusion": fusion,
+        "info": info,
+        "saved": saved,
+        "pooling": pooling,
+        "max_length": max_length,
+        "batch_size": batch_size,
         "bucket": bucket,
     }
     with Embedder.load(**settings) as embedder:
@@ -167,9 +179,13 @@ def embed_corpus(
                 "per corpus row, bad rows included, or one info for every row"
             )
         job = Job(
-            corpus, rows, output, rejects,
+            corpus,
+            rows,
+            output,
+            rejects,
             schema=output_schema(embedding_type(embedder.hidden_size, pooling), corpus.id_type, include_text),
-            shard_size=shard_size, embedder=settings | {"max_length": embedder.max_length},
+            shard_size=shard_size,
+            embedder=settings | {"max_length": embedder.max_length},
         )
         if engine == "local":
             return run_local(job, embedder, resume=resume, progress=progress)

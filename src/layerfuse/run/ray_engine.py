@@ -79,8 +79,11 @@ def run_on_ray(
             embedded = (
                 ray.data.from_arrow_refs(blocks)
                 .map_batches(
-                    EmbedWorker, fn_constructor_kwargs={"settings": job.embedder}, batch_size=None,
-                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))),
+                    EmbedWorker,
+                    fn_constructor_kwargs={"settings": job.embedder},
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))),
                     num_cpus=1,
                 )
                 .materialize()

@@ -122,7 +122,12 @@ def bench(
         if compiled:
             torch.set_num_threads(max(threads))
             compiled_points, compile_seconds = time_compiled(
-                network, method=method, layer=layer, shapes=compile_shapes, threads=max(threads), backend=compile_backend
+                network,
+                method=method,
+                layer=layer,
+                shapes=compile_shapes,
+                threads=max(threads),
+                backend=compile_backend,
             )
     finally:
         torch.set_num_threads(previous_threads)
@@ -130,8 +135,15 @@ def bench(
     if memory:
         batch, tokens = max(shapes, key=lambda shape: shape[0] * shape[1])
         peak = measure_memory(
-            model, method=method, layer=layer, batch=batch, tokens=tokens, threads=max(threads), device=device,
-            dtype=dtype, hidden_size=network.config.hidden_size,
+            model,
+            method=method,
+            layer=layer,
+            batch=batch,
+            tokens=tokens,
+            threads=max(threads),
+            device=device,
+            dtype=dtype,
+            hidden_size=network.config.hidden_size,
         )
     return Report(
         model=model_label(model),

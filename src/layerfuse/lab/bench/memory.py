@@ -61,7 +61,15 @@ class Memory:
 
 
 def forward_memory(
-    model: str | None, variant: str, method: str, layer: int, batch: int, tokens: int, threads: int, device: str, dtype: str
+    model: str | None,
+    variant: str,
+    method: str,
+    layer: int,
+    batch: int,
+    tokens: int,
+    threads: int,
+    device: str,
+    dtype: str,
 ) -> tuple[int, int]:
     """Peak and total bytes of the tensors one forward of `variant` allocates, after a small warm-up forward.
 
@@ -88,7 +96,9 @@ def forward_memory(
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
             network(**inputs)
     changes = sorted(
-        (event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
     )
     live = peak = total = 0
     for _, size in changes:

@@ -119,8 +119,10 @@ class Report:
                 "|---|---|---|---|---|",
             ]
             for name in memory.peak:
-                extras = ("-", "-") if name == "plain" else (
-                    _signed_mib(memory.extra(name)), _signed_mib(memory.extra_allocated(name))
+                extras = (
+                    ("-", "-")
+                    if name == "plain"
+                    else (_signed_mib(memory.extra(name)), _signed_mib(memory.extra_allocated(name)))
                 )
                 lines.append(
                     f"| {name} | {_mib(memory.peak[name])} | {extras[0]} | {_mib(memory.allocated[name])} | {extras[1]} |"
@@ -135,17 +137,17 @@ class Report:
                 "|---|---|---|---|---|---|---|",
             ]
             lines += [point_row(point) for point in self.compiled]
-            lines += ["", "Compile seconds (first call, per shape): " + ", ".join(
-                f"{name} {seconds:.1f}" for name, seconds in self.compile_seconds.items()
-            )]
+            lines += [
+                "",
+                "Compile seconds (first call, per shape): "
+                + ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.compile_seconds.items()),
+            ]
         return "\n".join(lines)
 
 
 def point_row(point: Point) -> str:
     """One grid point as a row of the report's Markdown table."""
-    ratios = " | ".join(
-        f"{r.median:.3f}x ({r.q1:.3f}-{r.q3:.3f})" for r in (point.ratio(a) for a in APPROACHES)
-    )
+    ratios = " | ".join(f"{r.median:.3f}x ({r.q1:.3f}-{r.q3:.3f})" for r in (point.ratio(a) for a in APPROACHES))
     return (
         f"| {point.batch} x {point.tokens} | {point.threads} | {point.method} | {point.rounds} | "
         f"{_spread(point.timings['plain'])} | {ratios} |"
@@ -171,7 +173,9 @@ def _time(seconds: float) -> str:
 def _spread(summary: Summary) -> str:
     """Median and IQR in one unit: ms, or us below a millisecond."""
     scale, unit, digits = (1e3, "ms", 2) if summary.median >= 1e-3 else (1e6, "us", 0)
-    return f"{summary.median * scale:.{digits}f} {unit} ({summary.q1 * scale:.{digits}f}-{summary.q3 * scale:.{digits}f})"
+    return (
+        f"{summary.median * scale:.{digits}f} {unit} ({summary.q1 * scale:.{digits}f}-{summary.q3 * scale:.{digits}f})"
+    )
 
 
 def _mib(size: int) -> str:
