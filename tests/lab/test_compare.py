@@ -56,7 +56,7 @@ def test_cli_json_prints_only_json(capsys):
 def test_cli_table_by_default(capsys):
     assert main(["compare", "--repeats", "1", "--layer", "0", "--method", "add", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert "identical" in out and "add at layer 0" in out
+    assert "identical" in out and "addition at layer 0" in out
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from layerfuse.approaches import APPROACHES
+from layerfuse.config import FusionConfig, config_or_keywords
 from layerfuse.errors import ArgumentValueError, positive_int
 from layerfuse.fusion import Fusion, fuse
 from layerfuse.info import example_info
 from layerfuse.methods import METHODS, canonical_name
 from layerfuse.models import DEFAULT_TEXTS, load_model, model_label
-from layerfuse.positions import PositionsLike
 from layerfuse.sites import middle_layer, resolve_site
 
 from .timing import Interleaved, time_calls
@@ -76,35 +76,37 @@ def random_info(method: str, hidden_size: int, seed: int) -> torch.Tensor | None
 
 def compare(
     model: str | os.PathLike[str] | None = None,
+    config: FusionConfig | None = None,
     *,
-    layer: int | None = None,
-    method: str = "addition",
     info: torch.Tensor | None = None,
-    positions: PositionsLike = "all",
     texts: Sequence[str] = DEFAULT_TEXTS,
     repeats: int = 20,
     seed: int = 0,
-    **method_arguments: Any,
+    **fields: Any,
 ) -> Comparison:
     """Run the plain forward, the hook and the custom layer on one padded batch of `texts`.
 
-    `layer` defaults to the middle block. `info` defaults to `random_info(method, H, seed)`;
-    `method_arguments` (e.g. `alpha=0.5`) and `positions` go to `fuse`.
+    The fusion is `config` (its approach aside), or its fields as `fuse` takes them as keywords
+    (`layer=`, `method=`, `positions=`, the method's arguments); `layer` defaults to the middle
+    block, `method` to addition. `info` defaults to `random_info(method, H, seed)`.
     """
     positive_int("repeats", repeats)
     if not texts:
         raise ArgumentValueError("texts must hold at least one text")
     network, tokenizer = load_model(model)
-    layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
+    if config is None and fields.get("layer") is None:
+        fields["layer"] = middle_layer(network)
+    config, _ = config_or_keywords(config, **fields)
+    layer = resolve_site(network, layer=config.layer, site=config.site).layer
     batch = tokenizer(list(texts), return_tensors="pt", padding=True)
     if info is None:
-        info = random_info(method, network.config.hidden_size, seed)
+        info = random_info(config.method, network.config.hidden_size, seed)
 
     def forward(**options: Any) -> Any:
         return network(**batch, **options)
 
     def fused(model: nn.Module, approach: str) -> Fusion:
-        return fuse(model, info, layer=layer, method=method, approach=approach, positions=positions, **method_arguments)
+        return fuse(model, info, config.replace(approach=approach))
 
     with torch.inference_mode():
         plain = forward().last_hidden_state
@@ -123,7 +125,7 @@ def compare(
     return Comparison(
         model=model_label(model),
         layer=layer,
-        method=method,
+        method=config.method,
         batch_shape=tuple(batch["input_ids"].shape),
         identical=torch.equal(hook, custom),
         max_abs_diff=float((hook - custom).abs().max()),

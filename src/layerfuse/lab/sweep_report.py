@@ -19,10 +19,10 @@ import numpy
 import torch
 from safetensors.torch import save_file
 
+from ..config import FusionConfig, config_or_keywords
 from ..errors import ArgumentValueError, FileFormatError
 from ..models import DEFAULT_TEXTS, load_model, model_label
 from ..outputs import split_output
-from ..positions import PositionsLike
 from ..sites import middle_layer, resolve_site
 from ..sweep import chunk_size_for, sweep
 
@@ -62,34 +62,27 @@ class SweepReport:
 def sweep_report(
     model: str | os.PathLike[str] | None,
     infos: torch.Tensor | Sequence[torch.Tensor],
+    config: FusionConfig | None = None,
     *,
-    layer: int | None = None,
-    method: str = "addition",
-    positions: PositionsLike = "all",
     texts: Sequence[str] = DEFAULT_TEXTS,
     chunk_size: int | None = None,
-    **method_arguments: Any,
+    **fields: Any,
 ) -> tuple[SweepReport, torch.Tensor]:
     """Sweep `infos` over a padded batch of `texts` with `model` (default: the embedded MiniLM BERT).
 
-    `layer` defaults to the middle block. Returns the report and the outputs (K, B, T, H).
+    The fusion is `config`, or its fields as keywords, as `compare` takes it (`layer` defaults to
+    the middle block). Returns the report and the outputs (K, B, T, H).
     """
     if not texts:
         raise ArgumentValueError("texts must hold at least one text")
     network, tokenizer = load_model(model)
-    layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
+    if config is None and fields.get("layer") is None:
+        fields["layer"] = middle_layer(network)
+    config, _ = config_or_keywords(config, **fields)
+    layer = resolve_site(network, layer=config.layer, site=config.site).layer
     batch = dict(tokenizer(list(texts), return_tensors="pt", padding=True))
     start = time.perf_counter()
-    outputs = sweep(
-        network,
-        batch,
-        infos,
-        layer=layer,
-        method=method,
-        positions=positions,
-        chunk_size=chunk_size,
-        **method_arguments,
-    )
+    outputs = sweep(network, batch, infos, config, chunk_size=chunk_size)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         plain, _ = split_output(network(**batch))
@@ -99,7 +92,7 @@ def sweep_report(
     report = SweepReport(
         model=model_label(model),
         layer=layer,
-        method=method,
+        method=config.method,
         batch_shape=shape,
         output_shape=tuple(outputs.shape),
         chunk_size=chunk_size_for(network, chunk_size, len(outputs), shape[0] * shape[1]),
