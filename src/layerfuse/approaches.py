@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import FusionStateError
 
 if TYPE_CHECKING:
-    from .fusion import Fusion
+    from .fusion import ForwardState, Fusion
 
 Detach = Callable[[], None]
 Arguments = tuple[tuple[Any, ...], dict[str, Any]]
@@ -53,10 +54,19 @@ def fuse_inputs(fusions: list[Fusion], args: tuple[Any, ...], kwargs: dict[str, 
     return args, kwargs
 
 
-def fuse_outputs(fusions: list[Fusion], output: Any) -> Any:
+def fuse_outputs(fusions: list[Fusion], output: Any, states: dict[Fusion, ForwardState] | None = None) -> Any:
     for fusion in fusions:
-        output = fusion.fuse_output(output)
+        output = fusion.fuse_output(output, None if states is None else states[fusion])
     return output
+
+
+_STATES = "_layerfuse_states"
+"""The keyword that carries the fusions' forward states through a checkpointed forward (see `_fused_class`)."""
+
+
+def _checkpointed(module: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing will checkpoint this call of `module` (and recompute it in backward)."""
+    return getattr(module, "gradient_checkpointing", False) is True and module.training and torch.is_grad_enabled()
 
 
 def _attach(
@@ -120,13 +130,18 @@ def _fused_class(cls: type[nn.Module]) -> type[nn.Module]:
         attached = self.__dict__["_layerfuse_layer"]
         if attached.input:
             args, kwargs = fuse_inputs(attached.input, args, kwargs)
+        if attached.output and _checkpointed(self):
+            # The checkpointed forward is recomputed in backward, after the model's forward has ended: its
+            # keywords, which the recomputation gets again, carry what the fusions need of this forward.
+            kwargs = {**kwargs, _STATES: {fusion: fusion.forward_state() for fusion in attached.output}}
         return cls.__call__(self, *args, **kwargs)
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         attached = self.__dict__["_layerfuse_layer"]
+        states = kwargs.pop(_STATES, None)
         inner = attached.instance_forward
         output = inner(*args, **kwargs) if inner is not None else cls.forward(self, *args, **kwargs)
-        return fuse_outputs(attached.output, output)
+        return fuse_outputs(attached.output, output, states)
 
     return type(
         f"Fused{cls.__name__}",

@@ -32,6 +32,8 @@ from .positions import Positions, PositionsLike
 from .sites import Site, resolve_site
 from .watch import ForwardWatch, attention_mask_index
 
+ForwardState = tuple[bool, "torch.Tensor | None"]
+
 
 class Fusion:
     """A fusion: `method` combines `info` into `site` of `model`, by `approach`, at `positions`.
@@ -116,39 +118,51 @@ class Fusion:
 
         return save_fusion(self, directory)
 
-    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+    def apply(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Combine the info into `hidden` (B, T, H) at the chosen positions: what both approaches run.
 
-        The method's `forward` is called as a function, without `nn.Module.__call__`'s hook
-        handling: inside a forward on CPU that saves 5-10 us a call.
+        `attention_mask` is the current forward's, for positions that read it. The method's `forward`
+        is called as a function, without `nn.Module.__call__`'s hook handling: inside a forward on CPU
+        that saves 5-10 us a call.
         """
         fused = self.method.forward(hidden, self.info.for_hidden(hidden))
-        chosen = self.positions.select(hidden, None if self._watch is None else self._watch.mask)
+        chosen = self.positions.select(hidden, attention_mask)
         return fused if chosen is None else torch.where(chosen, fused, hidden)
 
-    def _this_call(self) -> bool:
-        if self.site.call is None:
-            return True
-        self._watch.calls += 1
-        return self._watch.calls == self.site.call
+    def forward_state(self) -> ForwardState:
+        """What this call of the site needs to know of the model's current forward: whether it is the
+        fused call (a shared block runs several) and, for positions that read it, the attention mask.
 
-    def fuse_output(self, output: Any) -> Any:
+        A module recomputed by gradient checkpointing runs after its forward has ended; the custom
+        layer hands it the state of the call it recomputes.
+        """
+        if self.site.call is not None:
+            self._watch.calls += 1
+            if self._watch.calls != self.site.call:
+                return False, None
+        if not self.positions.needs_attention_mask:
+            return True, None
+        return True, self._watch.current_mask(f"a fusion at positions {self.positions.value!r}")
+
+    def fuse_output(self, output: Any, state: ForwardState | None = None) -> Any:
         """`output` of the site's module with the fusion applied to its hidden states."""
-        if not self._this_call():
+        this_call, mask = self.forward_state() if state is None else state
+        if not this_call:
             return output
         hidden, rebuild = split_output(output)
-        return rebuild(self.apply(hidden))
+        return rebuild(self.apply(hidden, mask))
 
     def fuse_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
         """The site's module's arguments with the fusion applied to its hidden-state input."""
-        if not self._this_call():
+        this_call, mask = self.forward_state()
+        if not this_call:
             return args, kwargs
         if args:
-            return (self.apply(args[0]), *args[1:]), kwargs
+            return (self.apply(args[0], mask), *args[1:]), kwargs
         name = self.site.input_name
         if name not in kwargs:
             raise ArchitectureError(f"cannot find the hidden states among the inputs of {self.site.name}")
-        return args, {**kwargs, name: self.apply(kwargs[name])}
+        return args, {**kwargs, name: self.apply(kwargs[name], mask)}
 
     def __enter__(self) -> Fusion:
         return self

@@ -1,24 +1,32 @@
 """`ForwardWatch`: what a fusion needs to know about the current forward of the model it fuses.
 
 The attention mask the forward was given (for positions such as "tokens"), and how many times the
-fused module has run in it (for a block shared by several layers, as in ALBERT). Two hooks on the
-model gather it, whichever the approach, and leave with the fusion.
+fused module has run in it (for a block shared by several layers, as in ALBERT). The model's forward
+is wrapped on the instance while a watch is on it, so the watch sees every forward however the model
+is called: `model(...)`, or `model.forward(...)` as sentence-transformers does. A fusion that needs
+the mask and runs outside a forward it saw (a module called on its own, or recomputed in backward)
+gets an error, never a guess.
 
 >>> from transformers import BertConfig, BertModel
 >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
 >>> watch = ForwardWatch(model, needs_mask=True)
+>>> "forward" in model.__dict__
+True
 >>> watch.remove()
+>>> "forward" in model.__dict__
+False
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ArchitectureError
+from .errors import ArchitectureError, FusionStateError
 
 
 def attention_mask_index(model: nn.Module) -> int:
@@ -32,28 +40,92 @@ def attention_mask_index(model: nn.Module) -> int:
     return parameters.index("attention_mask")
 
 
+class WatchedForward:
+    """A model's forward, put in its place on the instance: it tells the watches on the model when a forward starts and ends."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.previous = model.__dict__.get("forward", _NONE)
+        inner = model.forward
+        functools.update_wrapper(self, inner)
+        self.inner = inner
+        self.watches: list[ForwardWatch] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        watches = tuple(self.watches)
+        for watch in watches:
+            watch.enter(args, kwargs)
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            for watch in watches:
+                watch.exit()
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise FusionStateError(
+            "cannot pickle or deep-copy a model while a layerfuse fusion watches its forward: remove the "
+            "fusion first (fusion.remove(), or leave its with-block), or save model.state_dict() instead"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self.__reduce_ex__(4)
+
+
+_NONE = object()
+_KEY = "_layerfuse_forward"
+
+
 class ForwardWatch:
     """Records, for each forward of `model`, its attention mask and a count of the fused module's calls."""
 
     def __init__(self, model: nn.Module, *, needs_mask: bool) -> None:
         self.index = attention_mask_index(model) if needs_mask else None
+        self.model = model
         self.mask: torch.Tensor | None = None
         self.calls = 0
-        self._handles = [
-            model.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
-            model.register_forward_hook(self._exit, always_call=True),
-        ]
+        self.depth = 0
+        self._outer: list[tuple[torch.Tensor | None, int]] = []
+        watched = model.__dict__.get(_KEY)
+        if watched is None or model.__dict__.get("forward") is not watched:
+            watched = WatchedForward(model)
+            model.__dict__["forward"] = model.__dict__[_KEY] = watched
+        watched.watches.append(self)
+        self._watched: WatchedForward | None = watched
 
-    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A forward of the model starts with `args` and `kwargs`."""
+        self._outer.append((self.mask, self.calls))
+        self.depth += 1
         self.calls = 0
         if self.index is not None:
             self.mask = kwargs.get("attention_mask", args[self.index] if len(args) > self.index else None)
 
-    def _exit(self, *_: Any) -> None:
-        self.mask = None
+    def exit(self) -> None:
+        """The forward that started last has ended, or raised."""
+        self.mask, self.calls = self._outer.pop()
+        self.depth -= 1
+
+    def current_mask(self, what: str) -> torch.Tensor | None:
+        """The attention mask of the forward running now (None: it was given none); an error outside a forward."""
+        if self.depth == 0:
+            raise FusionStateError(
+                f"{what} needs the attention mask of the current forward of {type(self.model).__name__}, but the "
+                "fused module ran outside one (called on its own, or recomputed by gradient checkpointing): call "
+                "the model itself, or fuse at positions that need no mask ('all', token indices or a mask)"
+            )
+        return self.mask
 
     def remove(self) -> None:
-        """Remove the hooks; calling it again does nothing."""
-        for handle in self._handles:
-            handle.remove()
+        """Stop watching, restoring the model's forward once no watch is left; calling it again does nothing."""
+        watched, self._watched = self._watched, None
+        if watched is None:
+            return
+        watched.watches.remove(self)
+        model = self.model
+        if not watched.watches and model.__dict__.get("forward") is watched:
+            if watched.previous is _NONE:
+                del model.__dict__["forward"]
+            else:
+                model.__dict__["forward"] = watched.previous
+            if model.__dict__.get(_KEY) is watched:
+                del model.__dict__[_KEY]
         self.mask = None

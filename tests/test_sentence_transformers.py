@@ -1,0 +1,95 @@
+"""sentence-transformers calls `auto_model.forward(...)` itself: a fusion still sees each forward's mask.
+
+`encode` pads, sorts by length and calls the forward directly, bypassing the model's hooks; every
+text of a padded batch must still get what it gets alone, checked against a hook written here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+
+import layerfuse
+
+sentence_transformers = pytest.importorskip("sentence_transformers")
+
+LAYER = 3
+TEXTS = [
+    "a short text",
+    "a longer text, so that the batch is padded quite a bit more than the first",
+    "middle length, this one",
+    "tiny",
+]
+
+
+@pytest.fixture(scope="module")
+def st():
+    from layerfuse.models import embedded_model_path
+
+    return sentence_transformers.SentenceTransformer(embedded_model_path(), device="cpu")
+
+
+def steer() -> torch.Tensor:
+    return torch.randn(384, generator=torch.Generator().manual_seed(11))
+
+
+def hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def alone(st, text: str, positions: str) -> torch.Tensor:
+    """The reference: `text` encoded alone (no padding), `steer` added by a hook of this test's own."""
+    length = len(st.tokenize([text])["input_ids"][0])
+    chosen = {"all": slice(None), "tokens": slice(None), "first": slice(0, 1), "last": slice(length - 1, length)}
+
+    def add(module, args, output):
+        state = hidden(output).clone()
+        state[:, chosen[positions]] += steer()
+        return (state, *output[1:]) if isinstance(output, tuple) else state
+
+    handle = st[0].auto_model.encoder.layer[LAYER - 1].register_forward_hook(add)
+    try:
+        return st.encode([text], convert_to_tensor=True)[0]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+@pytest.mark.parametrize("positions", ["all", "tokens", "first", "last"])
+def test_encode_fuses_every_text_of_a_padded_sorted_batch_as_it_would_alone(st, positions, approach):
+    bert = st[0].auto_model
+    before = snapshot(bert)
+    with layerfuse.fuse(bert, steer(), layer=LAYER, positions=positions, approach=approach):
+        fused = st.encode(TEXTS, batch_size=8, convert_to_tensor=True)
+    assert_unchanged(bert, before)
+    plain = st.encode(TEXTS, batch_size=8, convert_to_tensor=True)
+    for index, text in enumerate(TEXTS):
+        torch.testing.assert_close(fused[index], alone(st, text, positions), rtol=0, atol=2e-6)
+        assert not torch.allclose(fused[index], plain[index], atol=1e-4)
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_tokens_leave_the_padding_of_the_fused_layer_exactly_as_it_was(st, approach):
+    bert = st[0].auto_model
+    block = bert.encoder.layer[LAYER - 1]
+    seen = []
+    handle = block.register_forward_hook(lambda module, args, output: seen.append(hidden(output).clone()))
+    try:
+        st.encode(TEXTS, batch_size=8)
+        with layerfuse.fuse(bert, steer(), layer=LAYER, positions="tokens", approach=approach):
+            st.encode(TEXTS, batch_size=8)
+    finally:
+        handle.remove()
+    plain, fused = seen
+    mask = st.tokenize(sorted(TEXTS, key=len, reverse=True))["attention_mask"].bool()
+    assert plain.shape[:2] == mask.shape
+    assert torch.equal(fused[~mask], plain[~mask])
+    assert not torch.equal(fused[mask], plain[mask])
+
+
+def test_a_fusion_that_needs_the_mask_refuses_a_module_run_outside_the_model(st):
+    bert = st[0].auto_model
+    with layerfuse.fuse(bert, steer(), layer=LAYER, positions="last"):
+        with pytest.raises(layerfuse.FusionStateError, match="needs the attention mask of the current forward"):
+            bert.encoder.layer[LAYER - 1](torch.zeros(1, 4, 384))
