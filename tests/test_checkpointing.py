@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import TINY, padded_batch
 from transformers import BertConfig, BertModel
 
 import layerfuse
+from conftest import TINY, padded_batch
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 POSITIONS = {

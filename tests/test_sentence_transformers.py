@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
 
 import layerfuse
+from conftest import assert_unchanged, snapshot
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
