@@ -276,3 +276,13 @@ def test_custom_layer_runs_inside_a_forward_set_on_the_instance(tiny, batch):
     assert len(calls) == 2 and torch.equal(fused[2], plain[2] + 1)
     assert block.__dict__["forward"] is wrapped
     assert_unchanged(tiny, before)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_a_model_whose_forward_is_watched_refuses_copies_and_pickles(tiny, approach):
+    with layerfuse.fuse(tiny, torch.ones(H), layer=1, positions="tokens", approach=approach):
+        with pytest.raises(layerfuse.FusionStateError, match="remove the fusion first"):
+            copy.deepcopy(tiny)
+        with pytest.raises(layerfuse.FusionStateError, match="remove the fusion first"):
+            pickle.dumps(tiny)
+    assert copy.deepcopy(tiny) is not tiny

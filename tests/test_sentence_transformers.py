@@ -38,14 +38,15 @@ def hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def alone(st, text: str, positions: str) -> torch.Tensor:
-    """The reference: `text` encoded alone (no padding), `steer` added by a hook of this test's own."""
+def alone(st, text: str, positions: str, vector: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: `text` encoded alone (no padding), `vector` (default: `steer`) added by a hook of this test's own."""
+    vector = steer() if vector is None else vector
     length = len(st.tokenize([text])["input_ids"][0])
     chosen = {"all": slice(None), "tokens": slice(None), "first": slice(0, 1), "last": slice(length - 1, length)}
 
     def add(module, args, output):
         state = hidden(output).clone()
-        state[:, chosen[positions]] += steer()
+        state[:, chosen[positions]] += vector
         return (state, *output[1:]) if isinstance(output, tuple) else state
 
     handle = st[0].auto_model.encoder.layer[LAYER - 1].register_forward_hook(add)
@@ -93,3 +94,33 @@ def test_a_fusion_that_needs_the_mask_refuses_a_module_run_outside_the_model(st)
     with layerfuse.fuse(bert, steer(), layer=LAYER, positions="last"):
         with pytest.raises(layerfuse.FusionStateError, match="needs the attention mask of the current forward"):
             bert.encoder.layer[LAYER - 1](torch.zeros(1, 4, 384))
+
+
+def per_text_info() -> torch.Tensor:
+    return torch.randn(len(TEXTS), 384, generator=torch.Generator().manual_seed(12))
+
+
+def test_per_text_info_through_st_encode_is_refused_not_misaligned(st):
+    bert = st[0].auto_model
+    before = snapshot(bert)
+    with layerfuse.fuse(bert, per_text_info(), layer=LAYER):
+        with pytest.raises(layerfuse.FusionStateError, match="called as model.forward"):
+            st.encode(TEXTS, batch_size=8)
+    assert_unchanged(bert, before)
+
+
+@pytest.mark.parametrize("batch_size", [8, 3])
+def test_encode_gives_each_text_its_own_row_of_info(st, batch_size):
+    bert = st[0].auto_model
+    before = snapshot(bert)
+    info = per_text_info()
+    config = layerfuse.FusionConfig(layer=LAYER, positions="tokens")
+    got = layerfuse.encode(st, TEXTS, config, info, batch_size=batch_size)
+    assert_unchanged(bert, before)
+    for index, text in enumerate(TEXTS):
+        torch.testing.assert_close(got[index], alone(st, text, "tokens", info[index]), rtol=0, atol=2e-6)
+
+
+def test_encode_refuses_info_with_another_number_of_rows(st):
+    with pytest.raises(layerfuse.ArgumentValueError, match="the info has 3 rows for 4 texts"):
+        layerfuse.encode(st, TEXTS, layerfuse.FusionConfig(layer=LAYER), torch.randn(3, 384))

@@ -9,6 +9,7 @@
 """
 
 from .config import FusionConfig
+from .encoding import encode
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
@@ -81,6 +82,7 @@ __all__ = [
     "Scale",
     "UnknownNameError",
     "compare",
+    "encode",
     "fuse",
     "fuse_many",
     "load_config",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -86,8 +87,7 @@ class Fusion:
     def attach(self) -> Fusion:
         """Attach the fusion to the model (done by `fuse`); return it."""
         if self._detach is None:
-            if self.positions.needs_attention_mask or self.site.call is not None:
-                self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
+            self._watch_if_needed()
             try:
                 self._detach = APPROACHES[self.approach](self.site.module, self)
             except BaseException:
@@ -111,6 +111,30 @@ class Fusion:
         if self.info.tensor is not None:
             new.to(self.info.tensor.dtype, self.info.tensor.device)
         self.info = new
+        if self.active:
+            self._watch_if_needed()
+
+    @contextmanager
+    def examples_in_order(self) -> Iterator[None]:
+        """Within the block, every forward holds its examples in the order of the info's rows, however it is called.
+
+        For a caller that calls `model.forward(...)` itself and keeps the order (`layerfuse.encode` does);
+        without it, per-example info refuses a direct `model.forward(...)` call, whose order it cannot know.
+        """
+        if self._watch is None:
+            yield
+            return
+        self._watch.in_order += 1
+        try:
+            yield
+        finally:
+            self._watch.in_order -= 1
+
+    def _watch_if_needed(self) -> None:
+        """Watch the model's forwards if the fusion needs to know them: their mask, calls or examples' order."""
+        needed = self.positions.needs_attention_mask or self.site.call is not None or self.info.batch_size is not None
+        if needed and self._watch is None:
+            self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back."""
@@ -140,6 +164,8 @@ class Fusion:
             self._watch.calls += 1
             if self._watch.calls != self.site.call:
                 return False, None
+        if self.info.batch_size is not None:
+            self._watch.check_rows(self.info.batch_size)
         if not self.positions.needs_attention_mask:
             return True, None
         return True, self._watch.current_mask(f"a fusion at positions {self.positions.value!r}")

@@ -150,7 +150,9 @@ class Info:
         if self.batch_size is not None and self.batch_size != hidden.shape[0]:
             raise InfoShapeError(
                 f"info is for a batch of {self.batch_size} but this forward has {hidden.shape[0]} "
-                "examples: give info without a batch dimension to use any batch size"
+                "examples: give info without a batch dimension to use any batch size, or one row per example "
+                "of this forward (generate with num_beams or num_return_sequences n runs each prompt n times: "
+                "info.repeat_interleave(n, dim=0))"
             )
         if self.seq_len is not None and self.seq_len != hidden.shape[1]:
             raise InfoShapeError(

@@ -49,11 +49,17 @@ class WatchedForward:
         functools.update_wrapper(self, inner)
         self.inner = inner
         self.watches: list[ForwardWatch] = []
+        self.called = False
+        self.handle = model.register_forward_pre_hook(self._called, prepend=True)
+
+    def _called(self, *_: Any) -> None:
+        self.called = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        direct, self.called = not self.called, False
         watches = tuple(self.watches)
         for watch in watches:
-            watch.enter(args, kwargs)
+            watch.enter(args, kwargs, direct=direct)
         try:
             return self.inner(*args, **kwargs)
         finally:
@@ -83,7 +89,9 @@ class ForwardWatch:
         self.mask: torch.Tensor | None = None
         self.calls = 0
         self.depth = 0
-        self._outer: list[tuple[torch.Tensor | None, int]] = []
+        self.direct = False
+        self.in_order = 0
+        self._outer: list[tuple[torch.Tensor | None, int, bool]] = []
         watched = model.__dict__.get(_KEY)
         if watched is None or model.__dict__.get("forward") is not watched:
             watched = WatchedForward(model)
@@ -91,18 +99,33 @@ class ForwardWatch:
         watched.watches.append(self)
         self._watched: WatchedForward | None = watched
 
-    def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """A forward of the model starts with `args` and `kwargs`."""
-        self._outer.append((self.mask, self.calls))
+    def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, direct: bool = False) -> None:
+        """A forward of the model starts with `args` and `kwargs`; `direct`: called as `model.forward(...)`."""
+        self._outer.append((self.mask, self.calls, self.direct))
         self.depth += 1
-        self.calls = 0
+        self.calls, self.direct = 0, direct
         if self.index is not None:
             self.mask = kwargs.get("attention_mask", args[self.index] if len(args) > self.index else None)
 
     def exit(self) -> None:
         """The forward that started last has ended, or raised."""
-        self.mask, self.calls = self._outer.pop()
+        self.mask, self.calls, self.direct = self._outer.pop()
         self.depth -= 1
+
+    def check_rows(self, batch_size: int) -> None:
+        """Refuse per-example info where this forward's examples may not be in the info's order.
+
+        A forward called as `model.forward(...)`, as sentence-transformers' `encode` calls it after
+        sorting the texts by length, may hold the examples in any order; `model(...)`, or a caller that
+        says it keeps the order (`in_order`), holds them as given.
+        """
+        if self.depth and self.direct and not self.in_order:
+            raise FusionStateError(
+                f"per-example info for {batch_size} examples is matched to a forward's examples by their order, and "
+                f"this forward of {type(self.model).__name__} was called as model.forward(...), as "
+                "sentence-transformers' encode does after sorting the texts by length, so the order is not known: "
+                "use layerfuse.encode(...), or call the model as model(...) with the batch in the info's order"
+            )
 
     def current_mask(self, what: str) -> torch.Tensor | None:
         """The attention mask of the forward running now (None: it was given none); an error outside a forward."""
@@ -121,6 +144,8 @@ class ForwardWatch:
             return
         watched.watches.remove(self)
         model = self.model
+        if not watched.watches:
+            watched.handle.remove()
         if not watched.watches and model.__dict__.get("forward") is watched:
             if watched.previous is _NONE:
                 del model.__dict__["forward"]
