@@ -500,3 +500,76 @@ def test_resuming_with_other_settings_is_refused(small, tmp_path):
         layerfuse.ArgumentValueError, match=r"cannot resume the run in .*: it was made with other settings"
     ):
         embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, resume=True)
+
+
+def interrupt_after_one_shard(monkeypatch, input: Path, output: Path, model: Path) -> None:
+    """Run a job that fails in its second shard, leaving a partial folder with one shard."""
+    embed = Embedder.__call__
+    done = []
+
+    def once(self, table, progress=None):
+        if done:
+            raise RuntimeError("interrupted")
+        done.append(True)
+        return embed(self, table, progress)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Embedder, "__call__", once)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            embed_corpus(input, output, model=model, shard_size=8)
+    assert output.with_name(output.name + ".partial").is_dir()
+
+
+def test_resuming_after_the_weights_changed_in_the_same_folder_is_refused(small, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    for name in os.listdir(small):
+        (model / name).parent.mkdir(exist_ok=True)
+        (model / name).write_bytes((small / name).read_bytes())
+    write_corpus(tmp_path / "c.jsonl")
+    interrupt_after_one_shard(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", model)
+    retrained, _ = layerfuse.load_model(model)
+    with torch.no_grad():
+        retrained.pooler.dense.bias.add_(1.0)
+        retrained.encoder.layer[0].output.dense.bias.add_(0.5)
+    retrained.save_pretrained(model)
+    with pytest.raises(layerfuse.ArgumentValueError, match="it was made with other settings"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=model, shard_size=8, resume=True)
+
+
+def test_resuming_after_the_input_changed_in_place_is_refused(small, tmp_path, monkeypatch):
+    corpus = tmp_path / "c.jsonl"
+    write_corpus(corpus)
+    interrupt_after_one_shard(monkeypatch, corpus, tmp_path / "out.parquet", small)
+    stat = corpus.stat()
+    corpus.write_bytes(corpus.read_bytes().replace(b"doc0", b"docX"))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert corpus.stat().st_size == stat.st_size and corpus.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(layerfuse.ArgumentValueError, match="it was made with other settings"):
+        embed_corpus(corpus, tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
+
+
+def test_a_resumed_run_with_the_same_model_and_input_writes_the_uninterrupted_output(small, tmp_path, monkeypatch):
+    write_corpus(tmp_path / "c.jsonl")
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "whole.parquet", model=small, shard_size=8)
+    interrupt_after_one_shard(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small)
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
+    assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(output="c.parquet", overwrite=True), "the input and the output are both"),
+        (dict(rejects="c.parquet", overwrite=True), "the input and the rejects file are both"),
+        (dict(rejects="out.parquet"), "the output and the rejects file are both"),
+        (dict(rejects="out.parquet.partial"), "the rejects file and the partial folder are both"),
+    ],
+)
+def test_paths_that_would_overwrite_each_other_are_refused(small, tmp_path, monkeypatch, options, message):
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"text": sentences(10)}), tmp_path / "c.parquet")
+    corpus = (tmp_path / "c.parquet").read_bytes()
+    options = {"output": "out.parquet", **options}
+    with pytest.raises(layerfuse.ArgumentValueError, match=message):
+        embed_corpus("c.parquet", options.pop("output"), model=small, **options)
+    assert sorted(os.listdir(tmp_path)) == ["c.parquet"] and (tmp_path / "c.parquet").read_bytes() == corpus

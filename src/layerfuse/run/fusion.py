@@ -92,6 +92,28 @@ def _digest(*chunks: bytes) -> str:
     return digest.hexdigest()
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_digest(model: nn.Module) -> str:
+    """The SHA-256 of a model's weights (names, dtypes, shapes and values): the same model, the same digest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def describe(
     config: FusionConfig | None, info: torch.Tensor | None, saved: str | os.PathLike[str] | None = None
 ) -> dict[str, Any] | None:
@@ -100,8 +122,7 @@ def describe(
         return None
     digest = None
     if info is not None:
-        data = info.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        digest = {"shape": list(info.shape), "dtype": str(info.dtype), "sha256": _digest(data.tobytes())}
+        digest = {"shape": list(info.shape), "dtype": str(info.dtype), "sha256": _digest(_tensor_bytes(info))}
     folder = None
     if saved is not None:
         path = Path(saved)

@@ -30,7 +30,7 @@ from ..errors import ArgumentValueError, positive_int
 from .corpus import Corpus
 from .embedding import Embedder, embedding_type
 from .formats import check_output_format
-from .fusion import describe, run_fusion
+from .fusion import describe, file_digest, model_digest, run_fusion
 from .local import run_local
 from .ray_engine import run_on_ray
 from .summary import RunSummary
@@ -50,6 +50,7 @@ class Job:
     schema: pa.Schema
     shard_size: int
     embedder: dict[str, Any]
+    model_sha256: str
 
     @property
     def partial(self) -> Path:
@@ -58,18 +59,17 @@ class Job:
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the output, as JSON: a run resumes only under the same settings."""
-        stat = self.corpus.path.stat()
         embedder = {key: value for key, value in self.embedder.items() if key not in ("fusion", "info", "saved")}
         return {
             "input": str(self.corpus.path.resolve()),
-            "input_bytes": stat.st_size,
-            "input_mtime_ns": stat.st_mtime_ns,
+            "input_sha256": file_digest(self.corpus.path),
             "text_column": self.corpus.text_column,
             "id_column": self.corpus.id_column,
             "schema": self.schema.to_string(),
             "shard_size": self.shard_size,
             **embedder,
             "model": None if self.embedder["model"] is None else str(self.embedder["model"]),
+            "model_sha256": self.model_sha256,
             "fusion": describe(self.embedder["fusion"], self.embedder["info"], self.embedder["saved"]),
         }
 
@@ -97,7 +97,16 @@ def partial_folder(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def _check_paths(output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool) -> None:
+def _check_paths(input: Path, output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool) -> None:
+    named = {"the input": input, "the output": output, "the rejects file": rejects, "the partial folder": partial}
+    seen: dict[Path, str] = {}
+    for what, path in named.items():
+        where = path.resolve()
+        if where in seen:
+            raise ArgumentValueError(
+                f"{seen[where]} and {what} are both {path}: give each its own path (--output, --rejects)"
+            )
+        seen[where] = what
     for path in (output, rejects):
         if path.exists() and not overwrite:
             raise ArgumentValueError(f"{path} exists: pass --overwrite to replace it")
@@ -159,7 +168,7 @@ def embed_corpus(
         if ray_address is not None or workers is not None:
             raise ArgumentValueError("a Ray address and workers are for the ray engine (--engine ray)")
     rejects = Path(rejects) if rejects is not None else output.with_suffix(".rejects.jsonl")
-    _check_paths(output, rejects, partial_folder(output), overwrite=overwrite, resume=resume)
+    _check_paths(corpus.path, output, rejects, partial_folder(output), overwrite=overwrite, resume=resume)
     rows = corpus.count()
     fusion, info = run_fusion(fusion, info, saved)
     settings: dict[str, Any] = {
@@ -186,6 +195,7 @@ def embed_corpus(
             schema=output_schema(embedding_type(embedder.hidden_size, pooling), corpus.id_type, include_text),
             shard_size=shard_size,
             embedder=settings | {"max_length": embedder.max_length},
+            model_sha256=model_digest(embedder.model),
         )
         if engine == "local":
             return run_local(job, embedder, resume=resume, progress=progress)
