@@ -202,3 +202,18 @@ def test_a_learned_fusion_follows_the_model_to_another_dtype(tiny, batch, approa
         tiny.to(torch.bfloat16)
         out = tiny(**batch).last_hidden_state
     assert out.dtype == torch.bfloat16 and fusion.method.gamma.weight.dtype == torch.bfloat16
+
+
+def test_registering_something_that_is_no_method_leaves_the_registry_as_it_was():
+    before = dict(METHODS)
+    with pytest.raises(layerfuse.ArgumentTypeError, match="decorates a layerfuse.Method subclass"):
+        register_method("oops")(int)
+    with pytest.raises(layerfuse.ArgumentValueError, match="info_layout is 'vectors': use one of"):
+
+        @register_method("typo_test")
+        class Typo(layerfuse.Method):
+            info_layout = "vectors"
+
+    with pytest.raises(layerfuse.ArgumentValueError, match="'addition' is already registered"):
+        register_method("addition")(type("Again", (layerfuse.Method,), {}))
+    assert METHODS == before and "oops" not in method_names()

@@ -573,3 +573,25 @@ def test_paths_that_would_overwrite_each_other_are_refused(small, tmp_path, monk
     with pytest.raises(layerfuse.ArgumentValueError, match=message):
         embed_corpus("c.parquet", options.pop("output"), model=small, **options)
     assert sorted(os.listdir(tmp_path)) == ["c.parquet"] and (tmp_path / "c.parquet").read_bytes() == corpus
+
+
+@pytest.mark.parametrize("fails", ["write_output", "remove"])
+def test_a_run_killed_while_writing_its_results_resumes(small, tmp_path, monkeypatch, fails):
+    write_corpus(tmp_path / "c.jsonl")
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "whole.parquet", model=small, shard_size=8)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        if fails == "write_output":
+            patch.setattr("layerfuse.run.local.write_output", killed)
+        else:
+            patch.setattr(ShardStore, "remove", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8)
+    assert (tmp_path / "out.rejects.jsonl").exists()
+    embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
+    assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+    assert (tmp_path / "out.rejects.jsonl").read_text() == (tmp_path / "whole.rejects.jsonl").read_text()
+    assert not (tmp_path / "out.parquet.partial").exists()

@@ -101,6 +101,19 @@ BAD_FILES = {
     "bad arguments": (lambda f: edit_config(f, arguments={"beta": 1}), "does not rebuild a Addition"),
     "missing key": (lambda f: edit_config(f, layer=None) or edit_config_drop(f, "layer"), "lacks layer"),
     "missing info": (lambda f: save_file({}, f / "fusion.safetensors"), "lacks the info tensor"),
+    "method not a name": (
+        lambda f: edit_config(f, method=["addition"]),
+        r"uses method \['addition'\], which is not registered",
+    ),
+    "format version true": (lambda f: edit_config(f, format_version=True), "format version True; this layerfuse reads"),
+    "hidden size a string": (
+        lambda f: edit_config(f, hidden_size="32"),
+        "saved for hidden size '32', this model's is 32",
+    ),
+    "non-finite info": (
+        lambda f: save_file({"info": torch.full((H,), float("nan"))}, f / "fusion.safetensors"),
+        "holds NaN or infinite values in info",
+    ),
 }
 
 
@@ -169,3 +182,10 @@ def test_a_folder_of_format_version_1_loads(tmp_path, tiny, batch):
         with layerfuse.fuse(tiny, info, layer=2, method="clamp", value=1.5, positions=mask):
             want = tiny(**batch).last_hidden_state
         assert torch.equal(got, want) and not torch.equal(got, tiny(**batch).last_hidden_state)
+
+
+def test_an_alias_in_a_saved_config_names_its_method(tmp_path, tiny, batch):
+    folder = save_addition(tmp_path, tiny)
+    edit_config(folder, method="add")
+    with torch.no_grad(), layerfuse.load_fusion(folder, tiny) as loaded:
+        assert loaded.config.method == "addition"

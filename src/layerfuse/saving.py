@@ -159,6 +159,9 @@ def load_fusion(
             f"its config must keep that method and those arguments, got {config.method} with {dict(config.arguments)}"
         )
     cls = METHODS[config.method]
+    broken = sorted(key for key, value in tensors.items() if value.is_floating_point() and not value.isfinite().all())
+    if broken:
+        raise FileFormatError(f"{folder / WEIGHTS_NAME} holds NaN or infinite values in {', '.join(broken)}")
     try:
         method = cls(**config.arguments)
         method.load_state_dict(

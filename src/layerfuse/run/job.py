@@ -107,8 +107,10 @@ def _check_paths(input: Path, output: Path, rejects: Path, partial: Path, *, ove
                 f"{seen[where]} and {what} are both {path}: give each its own path (--output, --rejects)"
             )
         seen[where] = what
+    # Resuming a run killed while it wrote its results: they are that run's, made again from its shards.
+    finishing = resume and partial.is_dir()
     for path in (output, rejects):
-        if path.exists() and not overwrite:
+        if path.exists() and not (overwrite or finishing):
             raise ArgumentValueError(f"{path} exists: pass --overwrite to replace it")
     if partial.exists() and not (resume or overwrite):
         raise ArgumentValueError(
