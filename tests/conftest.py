@@ -19,6 +19,17 @@ TINY = dict(
 )
 
 
+POSITIONS = {
+    "all": "all",
+    "tokens": "tokens",
+    "first": "first",
+    "last": "last",
+    "indices": [0, -2],
+    "mask": torch.tensor([[True, False] * 3 + [True], [False] * 7, [True] * 7]),
+}
+"""Every kind of positions, for the padded batch below (3 examples of 7 tokens)."""
+
+
 def tiny_bert(attn_implementation: str = "sdpa", seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     return BertModel(BertConfig(**TINY, attn_implementation=attn_implementation)).eval()

@@ -9,17 +9,9 @@ import transformers
 from transformers import BertConfig, BertModel
 
 import layerfuse
-from conftest import TINY, padded_batch
+from conftest import POSITIONS, TINY, padded_batch
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
-POSITIONS = {
-    "all": "all",
-    "tokens": "tokens",
-    "first": "first",
-    "last": "last",
-    "indices": [0, -2],
-    "mask": torch.tensor([[True, False] * 3 + [True], [False] * 7, [True] * 7]),
-}
 
 
 def gradients(positions, approach: str, checkpointing: dict | None) -> list[torch.Tensor]:

@@ -8,20 +8,12 @@ import pytest
 import torch
 
 import layerfuse
-from conftest import TINY, assert_unchanged, snapshot
+from conftest import POSITIONS, TINY, assert_unchanged, snapshot
 from layerfuse import FusionConfig
 from layerfuse.methods import METHODS
 
 H = TINY["hidden_size"]
 B, T = 3, 7
-POSITIONS = {
-    "all": "all",
-    "tokens": "tokens",
-    "first": "first",
-    "last": "last",
-    "indices": [0, -1],
-    "mask": torch.tensor([[True, False] * 3 + [True], [False] * 7, [True] * 7]),
-}
 ARGUMENTS = {
     "scale": {"alpha": 0.5},
     "clamp": {"value": 1.5},

@@ -69,6 +69,21 @@ class Comparison(Interleaved):
         return "\n".join(lines)
 
 
+def fused_batch(
+    model: str | os.PathLike[str] | None, config: FusionConfig | None, texts: Sequence[str], fields: dict[str, Any]
+) -> tuple[nn.Module, FusionConfig, int, dict[str, torch.Tensor]]:
+    """What `compare` and `sweep_report` start from: the model loaded, its fusion's config (at the middle
+    block if no layer is given), the layer that names, and the padded batch of `texts`."""
+    if not texts:
+        raise ArgumentValueError("texts must hold at least one text")
+    network, tokenizer = load_model(model)
+    if config is None and fields.get("layer") is None:
+        fields = {**fields, "layer": middle_layer(network)}
+    config, _ = config_or_keywords(config, **fields)
+    layer = resolve_site(network, layer=config.layer, site=config.site).layer
+    return network, config, layer, dict(tokenizer(list(texts), return_tensors="pt", padding=True))
+
+
 def random_info(method: str, hidden_size: int, seed: int) -> torch.Tensor | None:
     """Seeded standard-normal info of the example shape of `method`'s layout with D = H: (H,), or (2, H) for a basis."""
     return example_info(METHODS[canonical_name(method)].info_layout, hidden_size, seed=seed)
@@ -91,14 +106,7 @@ def compare(
     block, `method` to addition. `info` defaults to `random_info(method, H, seed)`.
     """
     positive_int("repeats", repeats)
-    if not texts:
-        raise ArgumentValueError("texts must hold at least one text")
-    network, tokenizer = load_model(model)
-    if config is None and fields.get("layer") is None:
-        fields["layer"] = middle_layer(network)
-    config, _ = config_or_keywords(config, **fields)
-    layer = resolve_site(network, layer=config.layer, site=config.site).layer
-    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    network, config, layer, batch = fused_batch(model, config, texts, fields)
     if info is None:
         info = random_info(config.method, network.config.hidden_size, seed)
 

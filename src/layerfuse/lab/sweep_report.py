@@ -19,12 +19,12 @@ import numpy
 import torch
 from safetensors.torch import save_file
 
-from ..config import FusionConfig, config_or_keywords
-from ..errors import ArgumentValueError, FileFormatError
-from ..models import DEFAULT_TEXTS, load_model, model_label
+from ..config import FusionConfig
+from ..errors import FileFormatError
+from ..models import DEFAULT_TEXTS, model_label
 from ..outputs import split_output
-from ..sites import middle_layer, resolve_site
 from ..sweep import chunk_size_for, sweep
+from .compare import fused_batch
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,7 @@ def sweep_report(
     The fusion is `config`, or its fields as keywords, as `compare` takes it (`layer` defaults to
     the middle block). Returns the report and the outputs (K, B, T, H).
     """
-    if not texts:
-        raise ArgumentValueError("texts must hold at least one text")
-    network, tokenizer = load_model(model)
-    if config is None and fields.get("layer") is None:
-        fields["layer"] = middle_layer(network)
-    config, _ = config_or_keywords(config, **fields)
-    layer = resolve_site(network, layer=config.layer, site=config.site).layer
-    batch = dict(tokenizer(list(texts), return_tensors="pt", padding=True))
+    network, config, layer, batch = fused_batch(model, config, texts, fields)
     start = time.perf_counter()
     outputs = sweep(network, batch, infos, config, chunk_size=chunk_size)
     seconds = time.perf_counter() - start
