@@ -502,13 +502,13 @@ def test_resuming_with_other_settings_is_refused(small, tmp_path):
         embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, resume=True)
 
 
-def interrupt_after_one_shard(monkeypatch, input: Path, output: Path, model: Path) -> None:
-    """Run a job that fails in its second shard, leaving a partial folder with one shard."""
+def interrupt_after_shards(monkeypatch, input: Path, output: Path, model: Path, shards: int = 1) -> None:
+    """Run a job that fails after `shards` shards, leaving a partial folder that holds them."""
     embed = Embedder.__call__
     done = []
 
     def once(self, table, progress=None):
-        if done:
+        if len(done) == shards:
             raise RuntimeError("interrupted")
         done.append(True)
         return embed(self, table, progress)
@@ -526,7 +526,7 @@ def test_resuming_after_the_weights_changed_in_the_same_folder_is_refused(small,
         (model / name).parent.mkdir(exist_ok=True)
         (model / name).write_bytes((small / name).read_bytes())
     write_corpus(tmp_path / "c.jsonl")
-    interrupt_after_one_shard(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", model)
+    interrupt_after_shards(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", model)
     retrained, _ = layerfuse.load_model(model)
     with torch.no_grad():
         retrained.pooler.dense.bias.add_(1.0)
@@ -539,7 +539,7 @@ def test_resuming_after_the_weights_changed_in_the_same_folder_is_refused(small,
 def test_resuming_after_the_input_changed_in_place_is_refused(small, tmp_path, monkeypatch):
     corpus = tmp_path / "c.jsonl"
     write_corpus(corpus)
-    interrupt_after_one_shard(monkeypatch, corpus, tmp_path / "out.parquet", small)
+    interrupt_after_shards(monkeypatch, corpus, tmp_path / "out.parquet", small)
     stat = corpus.stat()
     corpus.write_bytes(corpus.read_bytes().replace(b"doc0", b"docX"))
     os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -551,7 +551,7 @@ def test_resuming_after_the_input_changed_in_place_is_refused(small, tmp_path, m
 def test_a_resumed_run_with_the_same_model_and_input_writes_the_uninterrupted_output(small, tmp_path, monkeypatch):
     write_corpus(tmp_path / "c.jsonl")
     embed_corpus(tmp_path / "c.jsonl", tmp_path / "whole.parquet", model=small, shard_size=8)
-    interrupt_after_one_shard(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small)
+    interrupt_after_shards(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small)
     embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
     assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
 
@@ -595,3 +595,72 @@ def test_a_run_killed_while_writing_its_results_resumes(small, tmp_path, monkeyp
     assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
     assert (tmp_path / "out.rejects.jsonl").read_text() == (tmp_path / "whole.rejects.jsonl").read_text()
     assert not (tmp_path / "out.parquet.partial").exists()
+
+
+def edit_manifest(folder: Path, change) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(change(manifest)))
+
+
+DAMAGE = {
+    "manifest not JSON": (lambda f: (f / "manifest.json").write_text("{oops"), "manifest.json is not valid JSON"),
+    "manifest a list": (lambda f: (f / "manifest.json").write_text("[]"), "has format version None"),
+    "no shards": (lambda f: edit_manifest(f, lambda m: {**m, "shards": None}), "lacks the job's settings or the list"),
+    "rows a string": (
+        lambda f: edit_manifest(f, lambda m: {**m, "shards": [{**m["shards"][0], "rows": "8"}, m["shards"][1]]}),
+        "entry 0 of its manifest.json is not the entry of shard 0",
+    ),
+    "first shard dropped": (
+        lambda f: edit_manifest(f, lambda m: {**m, "shards": m["shards"][1:]}),
+        "entry 0 of its manifest.json is not the entry of shard 0",
+    ),
+    "shard doubled": (
+        lambda f: edit_manifest(f, lambda m: {**m, "shards": [m["shards"][0]] * 2}),
+        "entry 1 of its manifest.json is not the entry of shard 1",
+    ),
+    "shards swapped": (
+        lambda f: edit_manifest(f, lambda m: {**m, "shards": m["shards"][::-1]}),
+        "entry 0 of its manifest.json is not the entry of shard 0",
+    ),
+    "a name outside": (
+        lambda f: edit_manifest(f, lambda m: {**m, "shards": [{**m["shards"][0], "name": "../x"}, m["shards"][1]]}),
+        "entry 0 of its manifest.json is not the entry of shard 0",
+    ),
+    "shard truncated": (
+        lambda f: (f / "shard-000001.parquet").write_bytes((f / "shard-000001.parquet").read_bytes()[:100]),
+        "shard-000001.parquet is not the file the run wrote",
+    ),
+    "rejects edited": (
+        lambda f: (f / "shard-000000.rejects.jsonl").write_text(""),
+        "shard-000000.rejects.jsonl is not the file the run wrote",
+    ),
+    "shard deleted": (lambda f: (f / "shard-000000.parquet").unlink(), "shard-000000.parquet cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_partial_folder_is_refused_on_resuming(small, tmp_path, monkeypatch, case):
+    damage, message = DAMAGE[case]
+    write_corpus(tmp_path / "c.jsonl")
+    interrupt_after_shards(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small, shards=2)
+    damage(tmp_path / "out.parquet.partial")
+    with pytest.raises(layerfuse.FileFormatError, match=f"cannot resume the run in .*: .*{message}"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_shard_changed_after_resuming_is_refused_before_the_output_is_written(small, tmp_path, monkeypatch):
+    write_corpus(tmp_path / "c.jsonl")
+    interrupt_after_shards(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small, shards=2)
+    shard = tmp_path / "out.parquet.partial" / "shard-000000.parquet"
+    embed = Embedder.__call__
+
+    def tamper(self, table, progress=None):
+        shard.write_bytes(shard.read_bytes()[:-8])
+        return embed(self, table, progress)
+
+    monkeypatch.setattr(Embedder, "__call__", tamper)
+    with pytest.raises(layerfuse.FileFormatError, match="shard-000000.parquet is not the file the run wrote"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
+    assert not (tmp_path / "out.parquet").exists()

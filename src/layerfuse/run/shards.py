@@ -1,9 +1,11 @@
 """`ShardStore`: a job's output while it runs, shard by shard, each file replaced by an atomic rename.
 
 The folder holds, for each finished shard, its rows (`shard-000000.parquet`) and its rejects
-(`shard-000000.rejects.jsonl`), and `manifest.json`: the job's settings and one entry per shard. A
-shard counts once its entry is in the manifest, which is rewritten after the shard's files; so a
-job killed at any moment leaves only whole shards listed, and resuming carries on after the last.
+(`shard-000000.rejects.jsonl`), and `manifest.json`: the job's settings and one entry per shard,
+with the SHA-256 of its two files. A shard counts once its entry is in the manifest, which is
+rewritten after the shard's files; so a job killed at any moment leaves only whole shards listed,
+and resuming carries on after the last. A manifest or shard that was damaged or changed since is
+refused on resuming, and when the shards are read for the output.
 
 >>> import pathlib, tempfile, pyarrow as pa
 >>> from layerfuse.run.corpus import Reject
@@ -15,6 +17,7 @@ job killed at any moment leaves only whole shards listed, and resuming carries o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,11 +28,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ArgumentValueError
+from ..errors import ArgumentValueError, FileFormatError
 from .corpus import Reject
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARD_KEYS = {"name": str, "rows": int, "written": int, "truncated": int, "rejected": dict, "sha256": dict}
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
@@ -63,19 +67,59 @@ class ShardStore:
         self.shards: list[dict[str, Any]] = []
         manifest = folder / MANIFEST
         if resume and manifest.is_file():
-            saved = json.loads(manifest.read_text())
+            saved = self._saved(manifest)
             changed = sorted(key for key in job.keys() | saved["job"].keys() if job.get(key) != saved["job"].get(key))
-            if saved.get("format_version") != FORMAT_VERSION or changed:
+            if changed:
                 raise ArgumentValueError(
                     f"cannot resume the run in {folder}: it was made with other settings "
-                    f"({', '.join(changed) or 'format version'}): run it with the same ones, "
+                    f"({', '.join(changed)}): run it with the same ones, "
                     "or start over (--overwrite, without --resume)"
                 )
             self.shards = saved["shards"]
+            for shard in self.shards:
+                self._read(shard, "parquet")
+                self._read(shard, "rejects.jsonl")
         else:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             self._write_manifest()
+
+    def _damaged(self, what: str) -> FileFormatError:
+        return FileFormatError(
+            f"cannot resume the run in {self.folder}: {what}; start over with --overwrite (without --resume)"
+        )
+
+    def _saved(self, manifest: Path) -> dict[str, Any]:
+        """The manifest, after checking its form: this store's format, and shard entries 0, 1, ... in order."""
+        try:
+            saved = json.loads(manifest.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise self._damaged(f"its {MANIFEST} is not valid JSON ({error})") from error
+        if not isinstance(saved, dict) or saved.get("format_version") != FORMAT_VERSION:
+            found = saved.get("format_version") if isinstance(saved, dict) else None
+            raise self._damaged(f"its {MANIFEST} has format version {found!r}, not {FORMAT_VERSION}")
+        shards = saved.get("shards")
+        if not isinstance(saved.get("job"), dict) or not isinstance(shards, list):
+            raise self._damaged(f"its {MANIFEST} lacks the job's settings or the list of shards")
+        for index, shard in enumerate(shards):
+            good = isinstance(shard, dict) and all(
+                type(shard.get(key)) is kind and (kind is not int or shard[key] >= 0)
+                for key, kind in SHARD_KEYS.items()
+            )
+            if not good or shard["name"] != f"shard-{index:06d}":
+                raise self._damaged(f"entry {index} of its {MANIFEST} is not the entry of shard {index}")
+        return saved
+
+    def _read(self, shard: dict[str, Any], suffix: str) -> bytes:
+        """The bytes of one of `shard`'s files, after checking them against the manifest's digest."""
+        path = self.folder / f"{shard['name']}.{suffix}"
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise self._damaged(f"{path.name} cannot be read ({error.strerror})") from error
+        if hashlib.sha256(data).hexdigest() != shard["sha256"].get(suffix):
+            raise self._damaged(f"{path.name} is not the file the run wrote (its SHA-256 differs)")
+        return data
 
     @property
     def next_row(self) -> int:
@@ -89,25 +133,35 @@ class ShardStore:
     def add(self, index: int, table: pa.Table, rejects: list[Reject], *, rows: int, truncated: int) -> None:
         """Store shard `index`: the `table` to write, its `rejects`, the corpus `rows` it covers."""
         name = f"shard-{index:06d}"
-        atomic_write(self.folder / f"{name}.parquet", lambda path: pq.write_table(table, path))
-        atomic_write(self.folder / f"{name}.rejects.jsonl", lambda path: path.write_text(rejects_jsonl(rejects)))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        files = {"parquet": sink.getvalue().to_pybytes(), "rejects.jsonl": rejects_jsonl(rejects).encode()}
+        for suffix, data in files.items():
+            atomic_write(self.folder / f"{name}.{suffix}", lambda path, data=data: path.write_bytes(data))
         reasons: dict[str, int] = {}
         for reject in rejects:
             reasons[reject.reason] = reasons.get(reject.reason, 0) + 1
         self.shards.append(
-            {"name": name, "rows": rows, "written": table.num_rows, "truncated": truncated, "rejected": reasons}
+            {
+                "name": name,
+                "rows": rows,
+                "written": table.num_rows,
+                "truncated": truncated,
+                "rejected": reasons,
+                "sha256": {suffix: hashlib.sha256(data).hexdigest() for suffix, data in files.items()},
+            }
         )
         self._write_manifest()
 
     def tables(self) -> Iterator[pa.Table]:
         """The shards' tables, in order."""
         for shard in self.shards:
-            yield pq.ParquetFile(self.folder / f"{shard['name']}.parquet").read()
+            yield pq.read_table(pa.BufferReader(self._read(shard, "parquet")))
 
     def rejects(self) -> Iterator[str]:
         """The shards' rejects as JSON lines, in order."""
         for shard in self.shards:
-            yield (self.folder / f"{shard['name']}.rejects.jsonl").read_text()
+            yield self._read(shard, "rejects.jsonl").decode()
 
     def remove(self) -> None:
         """Delete the folder."""
