@@ -144,7 +144,7 @@ def test_run_positions_refuse_token_indices_before_any_work(tmp_path, capsys, mo
     assert "not one of all, tokens, first, last" in capsys.readouterr().err
 
 
-HEAVY = ("matplotlib", "pyarrow", "tqdm", "ray", "layerfuse.bench", "layerfuse.lab.bench", "layerfuse.run")
+HEAVY = ("matplotlib", "pyarrow", "tqdm", "ray", "layerfuse.lab.bench", "layerfuse.run")
 TORCH_ALONE = "import json, sys, torch; print(json.dumps([name for name in sys.argv[1:] if name in sys.modules]))"
 HELP_OF_EACH_COMMAND = """
 import contextlib, io, json, sys

@@ -40,6 +40,11 @@ def attention_mask_index(model: nn.Module) -> int:
     return parameters.index("attention_mask")
 
 
+_NONE = object()
+_KEY = "_layerfuse_forward"
+"""Where a model's `__dict__` keeps its `WatchedForward`; `_NONE` stands for "no forward on the instance"."""
+
+
 class WatchedForward:
     """A model's forward, put in its place on the instance: it tells the watches on the model when a forward starts and ends."""
 
@@ -74,10 +79,6 @@ class WatchedForward:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return self.__reduce_ex__(4)
-
-
-_NONE = object()
-_KEY = "_layerfuse_forward"
 
 
 class ForwardWatch:
