@@ -2,7 +2,7 @@
 
 The folder holds, for each finished shard, its rows (`shard-000000.parquet`) and its rejects
 (`shard-000000.rejects.jsonl`), and `manifest.json`: the job's settings and one entry per shard,
-with the SHA-256 of its two files. A shard counts once its entry is in the manifest, which is
+with the SHA-256 of its two files, and the SHA-256 of all that. A shard counts once its entry is in the manifest, which is
 rewritten after the shard's files; so a job killed at any moment leaves only whole shards listed,
 and resuming carries on after the last. A manifest or shard that was damaged or changed since is
 refused on resuming, and when the shards are read for the output.
@@ -32,7 +32,7 @@ from ..errors import ArgumentValueError, FileFormatError
 from .corpus import Reject
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHARD_KEYS = {"name": str, "rows": int, "written": int, "truncated": int, "rejected": dict, "sha256": dict}
 
 
@@ -48,6 +48,11 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def manifest_digest(job: dict[str, Any], shards: list[dict[str, Any]]) -> str:
+    """The SHA-256 of a manifest's settings and shard entries, as canonical JSON."""
+    return hashlib.sha256(json.dumps({"job": job, "shards": shards}, sort_keys=True).encode()).hexdigest()
 
 
 def rejects_jsonl(rejects: list[Reject]) -> str:
@@ -108,6 +113,8 @@ class ShardStore:
             )
             if not good or shard["name"] != f"shard-{index:06d}":
                 raise self._damaged(f"entry {index} of its {MANIFEST} is not the entry of shard {index}")
+        if saved.get("sha256") != manifest_digest(saved["job"], shards):
+            raise self._damaged(f"its {MANIFEST} is not the one the run wrote (its SHA-256 differs)")
         return saved
 
     def _read(self, shard: dict[str, Any], suffix: str) -> bytes:
@@ -127,7 +134,13 @@ class ShardStore:
         return sum(shard["rows"] for shard in self.shards)
 
     def _write_manifest(self) -> None:
-        text = json.dumps({"format_version": FORMAT_VERSION, "job": self.job, "shards": self.shards}, indent=1)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "job": self.job,
+            "shards": self.shards,
+            "sha256": manifest_digest(self.job, self.shards),
+        }
+        text = json.dumps(manifest, indent=1)
         atomic_write(self.folder / MANIFEST, lambda path: path.write_text(text))
 
     def add(self, index: int, table: pa.Table, rejects: list[Reject], *, rows: int, truncated: int) -> None:
