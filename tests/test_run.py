@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from transformers import BertConfig, BertModel
 import layerfuse
 from layerfuse import FusionConfig
 from layerfuse.cli import main
+from layerfuse.methods import METHODS, register_method
 from layerfuse.run import Embedder, embed_corpus
 from layerfuse.run.corpus import Corpus, Reject, Text
 from layerfuse.run.shards import ShardStore
@@ -379,7 +382,7 @@ def test_the_cli_runs_a_csv_and_prints_the_summary(small, tmp_path, capsys):
 def bad_arguments(tmp_path, small):
     (tmp_path / "c.txt").write_text("a text\nanother\n")
     (tmp_path / "exists.parquet").write_bytes(b"")
-    (tmp_path / "busy.parquet.partial").mkdir()
+    ShardStore(tmp_path / "busy.parquet.partial", {}).add(0, pa.table({"row": [0]}), [], rows=1, truncated=0)
     torch.save(torch.ones(31), tmp_path / "narrow.pt")
     torch.save(torch.ones(5, 32), tmp_path / "five_rows.pt")
     torch.save(torch.ones(2, 4, 32), tmp_path / "per_token.pt")
@@ -387,7 +390,10 @@ def bad_arguments(tmp_path, small):
     return [
         (["missing.txt"], "no input file at missing.txt"),
         ([c, "-o", "exists.parquet"], "exists.parquet exists: pass --overwrite to replace it"),
-        ([c, "-o", "busy.parquet"], "busy.parquet.partial holds an interrupted run: carry on with --resume"),
+        (
+            [c, "-o", "busy.parquet"],
+            r"busy.parquet.partial holds an interrupted run \(1 shard done\): carry on with --resume and the same",
+        ),
         ([c, "-o", "x.csv"], "cannot write x.csv: name the output .parquet, .npy or .safetensors"),
         ([c, "-o", "x.npy", "--pooling", "none"], "per-token states .* write them to .parquet, not .npy"),
         ([c, "--layer", "1", "--info", "narrow.pt"], r"info must have shape .* with D = 32, got \(31,\)"),
@@ -418,6 +424,157 @@ def test_bad_arguments_fail_before_any_work_with_a_clear_message(small, tmp_path
         error = capsys.readouterr().err
         assert error.startswith("layerfuse run: error: ") and re.search(message, error), error
         assert sorted(os.listdir(tmp_path)) == before, arguments
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder`, with the bytes of each file: what a refused run must leave as it found."""
+
+    def content(path: Path) -> bytes | int | None:
+        if path.is_dir():
+            return None
+        return path.read_bytes() if os.access(path, os.R_OK) else path.stat().st_size
+
+    return {str(path.relative_to(folder)): content(path) for path in folder.rglob("*")}
+
+
+def no_forward(*args, **kwargs):
+    raise AssertionError("a forward ran before the paths were checked")
+
+
+BAD_PATHS = {
+    "rejects in a missing folder": (
+        [],
+        ["--rejects", "nope/r.jsonl"],
+        "cannot write the rejects file to nope/r.jsonl: ",
+    ),
+    "output in a missing folder": (
+        [],
+        ["-o", "nope/out.npy"],
+        "cannot write the output to nope/out.npy: .*nope does not",
+    ),
+    "output a folder": (
+        ["out.npy/"],
+        ["-o", "out.npy"],
+        "cannot write the output to out.npy: it is a folder; name a file",
+    ),
+    "output a folder, overwrite": (
+        ["out.npy/"],
+        ["-o", "out.npy", "--overwrite"],
+        "out.npy: it is a folder; name a file",
+    ),
+    "output's folder a file": (["file"], ["-o", "file/out.npy"], "to file/out.npy: .*file is a file, not a folder"),
+    "rejects' folder a file": (
+        ["file"],
+        ["--rejects", "file/r.jsonl"],
+        "to file/r.jsonl: .*file is a file, not a folder",
+    ),
+    "rejects a folder": (["r/"], ["--rejects", "r"], "cannot write the rejects file to r: it is a folder; name a file"),
+    "partial folder a file": (
+        ["out.npy.partial"],
+        [],
+        "write the partial folder to out.npy.partial: it is a file, not a",
+    ),
+    "partial folder a file, overwrite": (["out.npy.partial"], ["--overwrite"], "out.npy.partial: it is a file, not a"),
+    "partial folder a file, resume": (["out.npy.partial"], ["--resume"], "out.npy.partial: it is a file, not a"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PATHS)
+def test_paths_the_run_could_not_write_fail_before_any_work(small, tmp_path, capsys, monkeypatch, case):
+    made, arguments, message = BAD_PATHS[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Embedder, "__call__", no_forward)
+    (tmp_path / "c.txt").write_text("a text\nanother\n")
+    for name in made:
+        (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).write_text("mine")
+    before = tree(tmp_path)
+    if "-o" not in arguments:
+        arguments = [*arguments, "-o", "out.npy"]
+    assert main(["run", "c.txt", *arguments, "--model", str(small)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("layerfuse run: error: ") and error.count("\n") == 1 and re.search(message, error), error
+    assert tree(tmp_path) == before
+
+
+DROP_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+PERMISSION_CASES = """
+import contextlib, io, json, os, sys
+from layerfuse.cli import main
+os.chdir(sys.argv[1])
+results = {}
+for case, argv in json.loads(sys.argv[2]).items():
+    error = io.StringIO()
+    with contextlib.redirect_stderr(error), contextlib.redirect_stdout(io.StringIO()):
+        results[case] = [main(argv), error.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def without_permission_override() -> list[str]:
+    """The prefix that runs a command without root's power to read and write what permissions forbid."""
+    if os.geteuid() != 0:
+        return []
+    probe = Path(tempfile.mkdtemp()) / "unreadable"
+    probe.write_text("x")
+    probe.chmod(0)
+    if (
+        shutil.which("setpriv") is None
+        or subprocess.run([*DROP_PERMISSION_OVERRIDE, "cat", str(probe)]).returncode == 0
+    ):
+        pytest.skip("running as root, and setpriv cannot drop the permission override here")
+    return DROP_PERMISSION_OVERRIDE
+
+
+def test_unreadable_inputs_and_unwritable_folders_fail_before_any_work(small, tmp_path):
+    prefix = without_permission_override()
+    model, _ = layerfuse.load_model(small)
+    with layerfuse.fuse(model, torch.ones(32), layer=1) as fusion:
+        for name in ("fusion", "fusion-config", "fusion-tensors"):
+            fusion.save(tmp_path / name)
+    shutil.copytree(small, tmp_path / "model-weights")
+    shutil.copytree(small, tmp_path / "model-folder")
+    (tmp_path / "c.txt").write_text("a text\nanother\n")
+    (tmp_path / "unreadable.txt").write_text("a text\n")
+    torch.save(torch.ones(32), tmp_path / "info.pt")
+    torch.save(torch.ones(32), tmp_path / "unreadable.pt")
+    (tmp_path / "read-only").mkdir()
+    run = ["run", "c.txt", "-o", "out.npy", "--model", str(small)]
+    cases = {
+        "read-only folder": (["run", "c.txt", "-o", "read-only/out.npy", "--model", str(small)], "read-only", 0o555),
+        "read-only rejects folder": ([*run, "--rejects", "read-only/r.jsonl"], "read-only", 0o555),
+        "unreadable input": (["run", "unreadable.txt", "-o", "out.npy", "--model", str(small)], "unreadable.txt", 0),
+        "unreadable info": ([*run, "--layer", "1", "--info", "unreadable.pt"], "unreadable.pt", 0),
+        "unreadable fusion config": ([*run, "--fusion", "fusion-config"], "fusion-config/fusion_config.json", 0),
+        "... with --approach": ([*run, "--fusion", "fusion-config", "--approach", "layer"], "", 0),
+        "unreadable fusion tensors": ([*run, "--fusion", "fusion-tensors"], "fusion-tensors/fusion.safetensors", 0),
+        "unreadable model weights": ([*run[:-1], "model-weights"], "model-weights/model.safetensors", 0),
+        "unreadable model folder": ([*run[:-1], "model-folder"], "model-folder", 0),
+        "unreadable sweep infos": (["sweep", "--infos", "unreadable.pt", "--model", str(small)], "", 0),
+    }
+    messages = {
+        "read-only folder": "cannot write the output to read-only/out.npy: .*read-only: Permission denied",
+        "read-only rejects folder": "cannot write the rejects file to read-only/r.jsonl: .*Permission denied",
+        "unreadable input": "cannot read the input unreadable.txt: Permission denied",
+        "unreadable info": "cannot read info from unreadable.pt: .*Permission denied",
+        "unreadable fusion config": "cannot read the saved fusion fusion-config: .*fusion_config.json: Permission denied",
+        "... with --approach": "cannot read the saved fusion fusion-config: .*fusion_config.json: Permission denied",
+        "unreadable fusion tensors": "cannot read the saved fusion fusion-tensors: .*fusion.safetensors: Permission",
+        "unreadable model weights": "cannot read the model folder .*model-weights: .*model.safetensors: Permission denied",
+        "unreadable model folder": "cannot read the model folder .*model-folder: Permission denied",
+        "unreadable sweep infos": "cannot read info from unreadable.pt: .*Permission denied",
+    }
+    for _, name, mode in cases.values():
+        if name:
+            (tmp_path / name).chmod(mode)
+    before = tree(tmp_path)
+    argv = json.dumps({case: arguments for case, (arguments, _, _) in cases.items()})
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", PERMISSION_CASES, str(tmp_path), argv], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    for case, (code, error) in json.loads(done.stdout).items():
+        assert code == 2 and error.count("\n") == 1 and re.search(messages[case], error), (case, error)
+    assert tree(tmp_path) == before
 
 
 def test_a_saved_fusion_at_token_indices_is_refused(small, tmp_path):
@@ -500,6 +657,67 @@ def test_resuming_with_other_settings_is_refused(small, tmp_path):
         layerfuse.ArgumentValueError, match=r"cannot resume the run in .*: it was made with other settings"
     ):
         embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, resume=True)
+
+
+@pytest.fixture
+def failing():
+    """A method whose forward fails from its `failing.after`-th call on (the first: 0), as an overflow would."""
+
+    @register_method("fails_test")
+    class Fails(layerfuse.Method):
+        formula = "h + v"
+        after = 0
+        calls = 0
+
+        def forward(self, hidden, info):
+            Fails.calls += 1
+            if Fails.calls > Fails.after:
+                raise RuntimeError("value cannot be converted to type float without overflow")
+            return hidden + info
+
+    try:
+        yield Fails
+    finally:
+        del METHODS["fails_test"]
+
+
+def test_a_forward_that_fails_before_a_shard_is_done_leaves_nothing_behind(small, tmp_path, failing):
+    write_corpus(tmp_path / "c.jsonl")
+    info = torch.ones(32)
+    failing_run = FusionConfig(layer=1, method="fails_test")
+    with pytest.raises(RuntimeError, match="overflow"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=failing_run, info=info)
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl"]
+    summary = embed_corpus(
+        tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=FusionConfig(layer=1), info=info
+    )
+    assert summary.written == 27
+
+
+def test_a_forward_that_fails_mid_run_keeps_its_shards_and_says_how_to_go_on(small, tmp_path, capsys, failing):
+    write_corpus(tmp_path / "c.jsonl")
+    torch.save(torch.ones(32), tmp_path / "info.pt")
+    failing.after = 2  # shard 0 (8 rows, batches of 4) is done, shard 1 fails
+    run = ["run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "out.parquet"), "--model", str(small), "--quiet"]
+    run += ["--layer", "1", "--info", str(tmp_path / "info.pt"), "--shard-size", "8", "--batch-size", "4"]
+    with pytest.raises(RuntimeError, match="overflow"):
+        main([*run, "--method", "fails_test"])
+    partial = tmp_path / "out.parquet.partial"
+    assert len(json.loads((partial / "manifest.json").read_text())["shards"]) == 1
+    capsys.readouterr()
+
+    assert main([*run, "--method", "addition"]) == 2
+    error = capsys.readouterr().err
+    assert "out.parquet.partial holds an interrupted run (1 shard done): carry on with --resume and the same" in error
+    assert "or start over with --overwrite" in error
+    assert main([*run, "--method", "addition", "--resume"]) == 2
+    assert "it was made with other settings (fusion): run it with the same ones, or start over (--overwrite" in (
+        capsys.readouterr().err
+    )
+    assert main([*run, "--method", "addition", "--overwrite"]) == 0
+    assert main([*run, "--method", "addition", "-o", str(tmp_path / "fresh.parquet")]) == 0
+    assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "fresh.parquet"))
+    assert not partial.exists()
 
 
 def interrupt_after_shards(monkeypatch, input: Path, output: Path, model: Path, shards: int = 1) -> None:

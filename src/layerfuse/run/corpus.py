@@ -32,6 +32,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from ..errors import ArgumentValueError, FileFormatError
+from ..paths import check_readable
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 JSONL_KEYS_CHECKED = 100
@@ -109,6 +110,7 @@ class Corpus:
             raise ArgumentValueError(f"cannot read a corpus from {self.path.name}: use a {', '.join(FORMATS)} file")
         if not self.path.is_file():
             raise ArgumentValueError(f"no input file at {self.path}")
+        check_readable(self.path, "the input")
         if self.format == ".txt" and (text_column or id_column):
             raise ArgumentValueError(
                 "a .txt corpus holds one text a line and no columns: "

@@ -50,6 +50,17 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def finished_shards(folder: Path) -> int | None:
+    """How many shards the partial folder `folder` lists as finished: 0 if it is empty, None if it cannot tell."""
+    if not any(folder.iterdir()):
+        return 0
+    try:
+        shards = json.loads((folder / MANIFEST).read_text()).get("shards")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return len(shards) if isinstance(shards, list) else None
+
+
 def rejects_jsonl(rejects: list[Reject]) -> str:
     """Rejects as JSON lines: row, reason, detail."""
     return "".join(json.dumps(reject._asdict()) + "\n" for reject in rejects)
