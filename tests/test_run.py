@@ -159,6 +159,25 @@ def test_parquet_keeps_the_id_type_and_rejects_nulls(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("c.txt", "first text\nsecond text\n"),
+        ("c.jsonl", '{"id": 1, "text": "first text"}\n{"id": 2, "text": "second text"}\n'),
+        ("c.csv", "text,id\nfirst text,1\nsecond text,2\n"),
+    ],
+)
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path, name, content):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / name).write_text(content, encoding="utf-8")
+    (tmp_path / name).write_text(content, encoding="utf-8-sig")
+    assert (tmp_path / name).read_bytes().startswith(b"\xef\xbb\xbf")
+    options = {} if name == "c.txt" else {"id_column": "id"}
+    rows = list(Corpus(tmp_path / name, **options).rows())
+    assert rows == list(Corpus(tmp_path / "plain" / name, **options).rows())
+    assert rows[0] == Text(0, "first text", None if name == "c.txt" else "1")
+
+
+@pytest.mark.parametrize(
     ("name", "content", "options", "message"),
     [
         ("c.csv", b"id,body\n1,x\n", {}, "unknown column 'text' in c.csv: its header has 'id', 'body'"),
@@ -648,6 +667,30 @@ def test_a_job_killed_mid_run_resumes_to_exactly_the_uninterrupted_output(small,
     assert table.num_rows == 997 and table.equals(pq.read_table(tmp_path / "whole.parquet"))
     assert (tmp_path / "killed.rejects.jsonl").read_text() == (tmp_path / "whole.rejects.jsonl").read_text()
     assert not partial.exists()
+
+
+def test_an_interrupted_run_says_how_to_go_on_in_one_line(small, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", count=1000, seed=5)
+    partial = tmp_path / "out.parquet.partial"
+    job = subprocess.Popen(
+        run_command(small, tmp_path, "out.parquet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while job.poll() is None and not (
+            (partial / "manifest.json").is_file() and json.loads((partial / "manifest.json").read_text())["shards"]
+        ):
+            time.sleep(0.005)
+        assert job.poll() is None, "the job finished before it could be interrupted"
+        job.send_signal(signal.SIGINT)
+        _, error = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 130
+    assert error.splitlines()[-1] == (
+        f"layerfuse run: interrupted; the finished shards are kept in {partial}: "
+        "carry on with the same command and --resume"
+    )
+    assert "Traceback" not in error and json.loads((partial / "manifest.json").read_text())["shards"]
 
 
 def test_resuming_with_other_settings_is_refused(small, tmp_path):

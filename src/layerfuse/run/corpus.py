@@ -1,5 +1,6 @@
 """Read a corpus row by row from .txt, .jsonl, .csv or .parquet: each row a text, or a reject with its reason.
 
+A UTF-8 byte order mark opening a .txt, .jsonl or .csv file is not part of its first row.
 Rows are numbered from 0 in file order (in a .csv, the records after the header), bad rows included,
 so that row k of the corpus is row k of per-row info. A .txt file holds one text a line; the other
 formats name the text column (default "text") and optionally an id column carried to the output.
@@ -20,6 +21,7 @@ Text(row=3, text='last text', id=None)
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -93,9 +95,11 @@ def _count_lines(path: Path) -> int:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file without their line ends, and without the UTF-8 byte order mark that may open it."""
     with path.open("rb") as file:
-        for line in file:
-            yield line.removesuffix(b"\n").removesuffix(b"\r")
+        for number, line in enumerate(file):
+            line = line.removesuffix(b"\n").removesuffix(b"\r")
+            yield line.removeprefix(codecs.BOM_UTF8) if number == 0 else line
 
 
 class Corpus:
