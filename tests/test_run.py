@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 import layerfuse
 from layerfuse import FusionConfig
@@ -29,6 +29,7 @@ from layerfuse.methods import METHODS, register_method
 from layerfuse.run import Embedder, embed_corpus
 from layerfuse.run.corpus import Corpus, Reject, Text
 from layerfuse.run.shards import ShardStore
+from layerfuse.run.truncation import CHARS_PER_TOKEN, capped
 from reference import FORMULAS, bert_forward
 
 WORDS = "the a model layer fusion text corpus quick brown fox jumps over lazy dog vector batch token".split()
@@ -246,6 +247,85 @@ def test_truncation_is_flagged_and_matches_a_truncated_forward(small):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+PIECES = [
+    *WORDS,
+    "café",
+    "naïve",
+    "e\u0301te\u0301",
+    "Straße",
+    "東京大学の研究",
+    "中文文本没有空格",
+    "🙂",
+    "👩‍👩‍👧",
+    "مرحبا",
+    "Привет",
+    "http://example.com/a_b?c=d&e=f",
+    "3.14159",
+    "don't",
+    "(x)",
+    "a" * 150,
+    "unbelievablyextraordinarilylongcompoundword" * 3,
+]
+SEPARATORS = [" ", " ", " ", "  ", "\t", "\u3000", "\n", " " * 300, "\u00a0"]
+
+
+def many_shaped_lines(count: int, seed: int = 0) -> list[str]:
+    """Lines of words, long words, unicode, punctuation and whitespace runs, from a few characters to a few thousand."""
+    generator = numpy.random.default_rng(seed)
+    lines = []
+    for _ in range(count):
+        pieces = generator.choice(len(PIECES), generator.integers(1, 400))
+        separators = generator.choice(len(SEPARATORS), len(pieces))
+        lines.append("".join(PIECES[p] + SEPARATORS[s] for p, s in zip(pieces, separators)))
+    return [
+        *lines,
+        "a" * 5000,
+        "東" * 5000,
+        " " * 5000 + "words after many spaces",
+        "\x00" * 5000 + " words after characters the tokenizer drops",
+        "word " * 1000,
+        "",
+    ]
+
+
+@pytest.mark.parametrize("max_length", [8, 30])
+def test_a_capped_row_truncates_to_the_tokens_of_the_whole_row(small, max_length):
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    for line in many_shaped_lines(300):
+        short = capped(tokenizer, line, max_length)
+        assert line.startswith(short) and len(short) <= max(len(line), CHARS_PER_TOKEN * (max_length + 2))
+        whole, cut = (tokenizer(text, verbose=False)["input_ids"] for text in (line, short))
+        assert (len(cut) > max_length) == (len(whole) > max_length), line
+        truncated = (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in (line, short))
+        assert next(truncated) == next(truncated), line
+
+
+class Recording:
+    """A tokenizer that notes the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, texts, *args, **kwargs):
+        self.longest = max(self.longest, *(len(text) for text in ([texts] if isinstance(texts, str) else texts)))
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_line_of_megabytes_is_tokenised_only_as_far_as_its_first_tokens(small):
+    huge = "the quick brown fox jumps over the lazy dog " * 100_000
+    with Embedder.load(small) as embedder:
+        embedder.tokenizer = Recording(embedder.tokenizer)
+        table = embedder(pa.table({"row": [0, 1], "text": [huge, huge[:1000]]}))
+        assert len(huge) > 4_000_000 and embedder.tokenizer.longest <= CHARS_PER_TOKEN * (64 + 2)
+    assert table.column("truncated").to_pylist() == [True, True]
+    assert table.column("text").to_pylist()[0] == huge
+    first, cut = table.column("embedding").to_pylist()
+    assert first == cut
 
 
 # Whole runs
