@@ -575,6 +575,8 @@ BAD_PATHS = {
     ),
     "partial folder a file, overwrite": (["out.npy.partial"], ["--overwrite"], "out.npy.partial: it is a file, not a"),
     "partial folder a file, resume": (["out.npy.partial"], ["--resume"], "out.npy.partial: it is a file, not a"),
+    "missing info file": ([], ["--layer", "1", "--info", "nope.pt"], "no info file at nope.pt"),
+    "missing model folder": ([], ["--model", "./nope"], "no model folder at nope: pass an existing folder"),
 }
 
 
@@ -589,7 +591,7 @@ def test_paths_the_run_could_not_write_fail_before_any_work(small, tmp_path, cap
     before = tree(tmp_path)
     if "-o" not in arguments:
         arguments = [*arguments, "-o", "out.npy"]
-    assert main(["run", "c.txt", *arguments, "--model", str(small)]) == 2
+    assert main(["run", "c.txt", "--model", str(small), *arguments]) == 2
     error = capsys.readouterr().err
     assert error.startswith("layerfuse run: error: ") and error.count("\n") == 1 and re.search(message, error), error
     assert tree(tmp_path) == before
@@ -743,10 +745,85 @@ def test_a_job_killed_mid_run_resumes_to_exactly_the_uninterrupted_output(small,
     finally:
         torch.set_num_threads(threads)
 
-    table = pq.read_table(tmp_path / "killed.parquet")
-    assert table.num_rows == 997 and table.equals(pq.read_table(tmp_path / "whole.parquet"))
-    assert (tmp_path / "killed.rejects.jsonl").read_text() == (tmp_path / "whole.rejects.jsonl").read_text()
+    assert pq.read_table(tmp_path / "killed.parquet").num_rows == 997
+    assert (tmp_path / "killed.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert (tmp_path / "killed.rejects.jsonl").read_bytes() == (tmp_path / "whole.rejects.jsonl").read_bytes()
     assert not partial.exists()
+
+
+KILL_AT = """
+import os, signal, sys
+from pathlib import Path
+from layerfuse.cli import main
+from layerfuse.run import local, shards
+
+point, output = sys.argv[1], Path(sys.argv[2]).name
+replace, write_manifest = os.replace, shards.ShardStore._write_manifest
+
+
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_before_renaming(name):
+    def renaming(source, target):
+        if Path(target).name == name:
+            kill()
+        replace(source, target)
+    return renaming
+
+
+def kill_before_listing_the_second(self):
+    if len(self.shards) == 2:
+        kill()
+    write_manifest(self)
+
+
+if point == "the second shard's files written, not listed":
+    shards.ShardStore._write_manifest = kill_before_listing_the_second
+elif point == "between the rejects and OUT":
+    local.write_output = kill
+elif point == "OUT written but not renamed":
+    os.replace = kill_before_renaming(output)
+elif point == "after OUT, before the partial folder is removed":
+    shards.ShardStore.remove = kill
+sys.exit(main(sys.argv[3:]))
+"""
+KILL_POINTS = {  # each one a fresh process; a kill between shards is the test above. Then: (OUT, rejects) there?
+    "the second shard's files written, not listed": (False, False),
+    "between the rejects and OUT": (False, True),
+    "OUT written but not renamed": (False, True),
+    "after OUT, before the partial folder is removed": (True, True),
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_run_killed_at_any_step_resumes_to_the_same_bytes(small, tmp_path, point):
+    write_corpus(tmp_path / "c.jsonl", count=40)
+    out, rejects = tmp_path / "out.parquet", tmp_path / "out.rejects.jsonl"
+    arguments = run_command(small, tmp_path, "out.parquet", "--shard-size", "12")[3:]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT, point, str(out), *arguments], env=ONE_THREAD, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out.exists(), rejects.exists()) == KILL_POINTS[point]
+    assert (tmp_path / "out.parquet.partial").is_dir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*arguments, "--resume", "--quiet"]) == 0
+        assert main([*arguments, "-o", str(tmp_path / "whole.parquet"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert out.read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert rejects.read_bytes() == (tmp_path / "whole.rejects.jsonl").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == [
+        "c.jsonl",
+        "out.parquet",
+        "out.rejects.jsonl",
+        "whole.parquet",
+        "whole.rejects.jsonl",
+    ]
 
 
 def test_an_interrupted_run_says_how_to_go_on_in_one_line(small, tmp_path):
