@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import ClassVar
@@ -173,3 +174,32 @@ def test_help_imports_no_heavy_module():
     assert set(by_torch) <= {"tqdm"}
     loaded = loaded_modules(HELP_OF_EACH_COMMAND)
     assert len(loaded) == 7 and all(set(names) <= set(by_torch) for names in loaded.values()), loaded
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sweep", "--infos", "infos.pt", "-o", "nope/out.pt"], "cannot write the outputs to nope/out.pt: .*nope does"),
+        (["sweep", "--infos", "infos.pt", "-o", "out.txt"], "cannot write outputs to out.txt: use a .pt, .npy, .safe"),
+        (["sweep", "--infos", "infos.pt", "-o", "folder.pt"], "cannot write the outputs to folder.pt: it is a folder"),
+        (
+            ["bench", "--shapes", "1x8", "--plot", "nope/plot.png"],
+            "cannot write the plot to nope/plot.png: .*nope does",
+        ),
+        (["bench", "--shapes", "1x8,1x100000"], "shape 1x100000 has more tokens than this model's 512 positions"),
+    ],
+)
+def test_outputs_and_shapes_are_checked_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.ones(2, 384), tmp_path / "infos.pt")
+    (tmp_path / "folder.pt").mkdir()
+    monkeypatch.setattr("layerfuse.cli.sweep.sweep_report", forbidden)
+    monkeypatch.setattr("layerfuse.lab.bench.time_point", forbidden)
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(message, error), error
+    assert sorted(os.listdir(tmp_path)) == ["folder.pt", "infos.pt"]
+
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("the work began before its arguments were checked")

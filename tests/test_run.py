@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,14 +20,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 import layerfuse
 from layerfuse import FusionConfig
 from layerfuse.cli import main
+from layerfuse.methods import METHODS, register_method
 from layerfuse.run import Embedder, embed_corpus
 from layerfuse.run.corpus import Corpus, Reject, Text
 from layerfuse.run.shards import ShardStore
+from layerfuse.run.truncation import CHARS_PER_TOKEN, capped
 from reference import FORMULAS, bert_forward
 
 WORDS = "the a model layer fusion text corpus quick brown fox jumps over lazy dog vector batch token".split()
@@ -156,6 +160,25 @@ def test_parquet_keeps_the_id_type_and_rejects_nulls(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("c.txt", "first text\nsecond text\n"),
+        ("c.jsonl", '{"id": 1, "text": "first text"}\n{"id": 2, "text": "second text"}\n'),
+        ("c.csv", "text,id\nfirst text,1\nsecond text,2\n"),
+    ],
+)
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path, name, content):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / name).write_text(content, encoding="utf-8")
+    (tmp_path / name).write_text(content, encoding="utf-8-sig")
+    assert (tmp_path / name).read_bytes().startswith(b"\xef\xbb\xbf")
+    options = {} if name == "c.txt" else {"id_column": "id"}
+    rows = list(Corpus(tmp_path / name, **options).rows())
+    assert rows == list(Corpus(tmp_path / "plain" / name, **options).rows())
+    assert rows[0] == Text(0, "first text", None if name == "c.txt" else "1")
+
+
+@pytest.mark.parametrize(
     ("name", "content", "options", "message"),
     [
         ("c.csv", b"id,body\n1,x\n", {}, "unknown column 'text' in c.csv: its header has 'id', 'body'"),
@@ -224,6 +247,85 @@ def test_truncation_is_flagged_and_matches_a_truncated_forward(small):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+PIECES = [
+    *WORDS,
+    "café",
+    "naïve",
+    "e\u0301te\u0301",
+    "Straße",
+    "東京大学の研究",
+    "中文文本没有空格",
+    "🙂",
+    "👩‍👩‍👧",
+    "مرحبا",
+    "Привет",
+    "http://example.com/a_b?c=d&e=f",
+    "3.14159",
+    "don't",
+    "(x)",
+    "a" * 150,
+    "unbelievablyextraordinarilylongcompoundword" * 3,
+]
+SEPARATORS = [" ", " ", " ", "  ", "\t", "\u3000", "\n", " " * 300, "\u00a0"]
+
+
+def many_shaped_lines(count: int, seed: int = 0) -> list[str]:
+    """Lines of words, long words, unicode, punctuation and whitespace runs, from a few characters to a few thousand."""
+    generator = numpy.random.default_rng(seed)
+    lines = []
+    for _ in range(count):
+        pieces = generator.choice(len(PIECES), generator.integers(1, 400))
+        separators = generator.choice(len(SEPARATORS), len(pieces))
+        lines.append("".join(PIECES[p] + SEPARATORS[s] for p, s in zip(pieces, separators)))
+    return [
+        *lines,
+        "a" * 5000,
+        "東" * 5000,
+        " " * 5000 + "words after many spaces",
+        "\x00" * 5000 + " words after characters the tokenizer drops",
+        "word " * 1000,
+        "",
+    ]
+
+
+@pytest.mark.parametrize("max_length", [8, 30])
+def test_a_capped_row_truncates_to_the_tokens_of_the_whole_row(small, max_length):
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    for line in many_shaped_lines(300):
+        short = capped(tokenizer, line, max_length)
+        assert line.startswith(short) and len(short) <= max(len(line), CHARS_PER_TOKEN * (max_length + 2))
+        whole, cut = (tokenizer(text, verbose=False)["input_ids"] for text in (line, short))
+        assert (len(cut) > max_length) == (len(whole) > max_length), line
+        truncated = (tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in (line, short))
+        assert next(truncated) == next(truncated), line
+
+
+class Recording:
+    """A tokenizer that notes the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, texts, *args, **kwargs):
+        self.longest = max(self.longest, *(len(text) for text in ([texts] if isinstance(texts, str) else texts)))
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_line_of_megabytes_is_tokenised_only_as_far_as_its_first_tokens(small):
+    huge = "the quick brown fox jumps over the lazy dog " * 100_000
+    with Embedder.load(small) as embedder:
+        embedder.tokenizer = Recording(embedder.tokenizer)
+        table = embedder(pa.table({"row": [0, 1], "text": [huge, huge[:1000]]}))
+        assert len(huge) > 4_000_000 and embedder.tokenizer.longest <= CHARS_PER_TOKEN * (64 + 2)
+    assert table.column("truncated").to_pylist() == [True, True]
+    assert table.column("text").to_pylist()[0] == huge
+    first, cut = table.column("embedding").to_pylist()
+    assert first == cut
 
 
 # Whole runs
@@ -379,7 +481,7 @@ def test_the_cli_runs_a_csv_and_prints_the_summary(small, tmp_path, capsys):
 def bad_arguments(tmp_path, small):
     (tmp_path / "c.txt").write_text("a text\nanother\n")
     (tmp_path / "exists.parquet").write_bytes(b"")
-    (tmp_path / "busy.parquet.partial").mkdir()
+    ShardStore(tmp_path / "busy.parquet.partial", {}).add(0, pa.table({"row": [0]}), [], rows=1, truncated=0)
     torch.save(torch.ones(31), tmp_path / "narrow.pt")
     torch.save(torch.ones(5, 32), tmp_path / "five_rows.pt")
     torch.save(torch.ones(2, 4, 32), tmp_path / "per_token.pt")
@@ -387,7 +489,10 @@ def bad_arguments(tmp_path, small):
     return [
         (["missing.txt"], "no input file at missing.txt"),
         ([c, "-o", "exists.parquet"], "exists.parquet exists: pass --overwrite to replace it"),
-        ([c, "-o", "busy.parquet"], "busy.parquet.partial holds an interrupted run: carry on with --resume"),
+        (
+            [c, "-o", "busy.parquet"],
+            r"busy.parquet.partial holds an interrupted run \(1 shard done\): carry on with --resume and the same",
+        ),
         ([c, "-o", "x.csv"], "cannot write x.csv: name the output .parquet, .npy or .safetensors"),
         ([c, "-o", "x.npy", "--pooling", "none"], "per-token states .* write them to .parquet, not .npy"),
         ([c, "--layer", "1", "--info", "narrow.pt"], r"info must have shape .* with D = 32, got \(31,\)"),
@@ -418,6 +523,159 @@ def test_bad_arguments_fail_before_any_work_with_a_clear_message(small, tmp_path
         error = capsys.readouterr().err
         assert error.startswith("layerfuse run: error: ") and re.search(message, error), error
         assert sorted(os.listdir(tmp_path)) == before, arguments
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder`, with the bytes of each file: what a refused run must leave as it found."""
+
+    def content(path: Path) -> bytes | int | None:
+        if path.is_dir():
+            return None
+        return path.read_bytes() if os.access(path, os.R_OK) else path.stat().st_size
+
+    return {str(path.relative_to(folder)): content(path) for path in folder.rglob("*")}
+
+
+def no_forward(*args, **kwargs):
+    raise AssertionError("a forward ran before the paths were checked")
+
+
+BAD_PATHS = {
+    "rejects in a missing folder": (
+        [],
+        ["--rejects", "nope/r.jsonl"],
+        "cannot write the rejects file to nope/r.jsonl: ",
+    ),
+    "output in a missing folder": (
+        [],
+        ["-o", "nope/out.npy"],
+        "cannot write the output to nope/out.npy: .*nope does not",
+    ),
+    "output a folder": (
+        ["out.npy/"],
+        ["-o", "out.npy"],
+        "cannot write the output to out.npy: it is a folder; name a file",
+    ),
+    "output a folder, overwrite": (
+        ["out.npy/"],
+        ["-o", "out.npy", "--overwrite"],
+        "out.npy: it is a folder; name a file",
+    ),
+    "output's folder a file": (["file"], ["-o", "file/out.npy"], "to file/out.npy: .*file is a file, not a folder"),
+    "rejects' folder a file": (
+        ["file"],
+        ["--rejects", "file/r.jsonl"],
+        "to file/r.jsonl: .*file is a file, not a folder",
+    ),
+    "rejects a folder": (["r/"], ["--rejects", "r"], "cannot write the rejects file to r: it is a folder; name a file"),
+    "partial folder a file": (
+        ["out.npy.partial"],
+        [],
+        "write the partial folder to out.npy.partial: it is a file, not a",
+    ),
+    "partial folder a file, overwrite": (["out.npy.partial"], ["--overwrite"], "out.npy.partial: it is a file, not a"),
+    "partial folder a file, resume": (["out.npy.partial"], ["--resume"], "out.npy.partial: it is a file, not a"),
+    "missing info file": ([], ["--layer", "1", "--info", "nope.pt"], "no info file at nope.pt"),
+    "missing model folder": ([], ["--model", "./nope"], "no model folder at nope: pass an existing folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PATHS)
+def test_paths_the_run_could_not_write_fail_before_any_work(small, tmp_path, capsys, monkeypatch, case):
+    made, arguments, message = BAD_PATHS[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Embedder, "__call__", no_forward)
+    (tmp_path / "c.txt").write_text("a text\nanother\n")
+    for name in made:
+        (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).write_text("mine")
+    before = tree(tmp_path)
+    if "-o" not in arguments:
+        arguments = [*arguments, "-o", "out.npy"]
+    assert main(["run", "c.txt", "--model", str(small), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("layerfuse run: error: ") and error.count("\n") == 1 and re.search(message, error), error
+    assert tree(tmp_path) == before
+
+
+DROP_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+PERMISSION_CASES = """
+import contextlib, io, json, os, sys
+from layerfuse.cli import main
+os.chdir(sys.argv[1])
+results = {}
+for case, argv in json.loads(sys.argv[2]).items():
+    error = io.StringIO()
+    with contextlib.redirect_stderr(error), contextlib.redirect_stdout(io.StringIO()):
+        results[case] = [main(argv), error.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def without_permission_override() -> list[str]:
+    """The prefix that runs a command without root's power to read and write what permissions forbid."""
+    if os.geteuid() != 0:
+        return []
+    probe = Path(tempfile.mkdtemp()) / "unreadable"
+    probe.write_text("x")
+    probe.chmod(0)
+    if (
+        shutil.which("setpriv") is None
+        or subprocess.run([*DROP_PERMISSION_OVERRIDE, "cat", str(probe)]).returncode == 0
+    ):
+        pytest.skip("running as root, and setpriv cannot drop the permission override here")
+    return DROP_PERMISSION_OVERRIDE
+
+
+def test_unreadable_inputs_and_unwritable_folders_fail_before_any_work(small, tmp_path):
+    prefix = without_permission_override()
+    model, _ = layerfuse.load_model(small)
+    with layerfuse.fuse(model, torch.ones(32), layer=1) as fusion:
+        for name in ("fusion", "fusion-config", "fusion-tensors"):
+            fusion.save(tmp_path / name)
+    shutil.copytree(small, tmp_path / "model-weights")
+    shutil.copytree(small, tmp_path / "model-folder")
+    (tmp_path / "c.txt").write_text("a text\nanother\n")
+    (tmp_path / "unreadable.txt").write_text("a text\n")
+    torch.save(torch.ones(32), tmp_path / "info.pt")
+    torch.save(torch.ones(32), tmp_path / "unreadable.pt")
+    (tmp_path / "read-only").mkdir()
+    run = ["run", "c.txt", "-o", "out.npy", "--model", str(small)]
+    cases = {
+        "read-only folder": (["run", "c.txt", "-o", "read-only/out.npy", "--model", str(small)], "read-only", 0o555),
+        "read-only rejects folder": ([*run, "--rejects", "read-only/r.jsonl"], "read-only", 0o555),
+        "unreadable input": (["run", "unreadable.txt", "-o", "out.npy", "--model", str(small)], "unreadable.txt", 0),
+        "unreadable info": ([*run, "--layer", "1", "--info", "unreadable.pt"], "unreadable.pt", 0),
+        "unreadable fusion config": ([*run, "--fusion", "fusion-config"], "fusion-config/fusion_config.json", 0),
+        "... with --approach": ([*run, "--fusion", "fusion-config", "--approach", "layer"], "", 0),
+        "unreadable fusion tensors": ([*run, "--fusion", "fusion-tensors"], "fusion-tensors/fusion.safetensors", 0),
+        "unreadable model weights": ([*run[:-1], "model-weights"], "model-weights/model.safetensors", 0),
+        "unreadable model folder": ([*run[:-1], "model-folder"], "model-folder", 0),
+        "unreadable sweep infos": (["sweep", "--infos", "unreadable.pt", "--model", str(small)], "", 0),
+    }
+    messages = {
+        "read-only folder": "cannot write the output to read-only/out.npy: .*read-only: Permission denied",
+        "read-only rejects folder": "cannot write the rejects file to read-only/r.jsonl: .*Permission denied",
+        "unreadable input": "cannot read the input unreadable.txt: Permission denied",
+        "unreadable info": "cannot read info from unreadable.pt: .*Permission denied",
+        "unreadable fusion config": "cannot read the saved fusion fusion-config: .*fusion_config.json: Permission denied",
+        "... with --approach": "cannot read the saved fusion fusion-config: .*fusion_config.json: Permission denied",
+        "unreadable fusion tensors": "cannot read the saved fusion fusion-tensors: .*fusion.safetensors: Permission",
+        "unreadable model weights": "cannot read the model folder .*model-weights: .*model.safetensors: Permission denied",
+        "unreadable model folder": "cannot read the model folder .*model-folder: Permission denied",
+        "unreadable sweep infos": "cannot read info from unreadable.pt: .*Permission denied",
+    }
+    for _, name, mode in cases.values():
+        if name:
+            (tmp_path / name).chmod(mode)
+    before = tree(tmp_path)
+    argv = json.dumps({case: arguments for case, (arguments, _, _) in cases.items()})
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", PERMISSION_CASES, str(tmp_path), argv], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    for case, (code, error) in json.loads(done.stdout).items():
+        assert code == 2 and error.count("\n") == 1 and re.search(messages[case], error), (case, error)
+    assert tree(tmp_path) == before
 
 
 def test_a_saved_fusion_at_token_indices_is_refused(small, tmp_path):
@@ -487,10 +745,109 @@ def test_a_job_killed_mid_run_resumes_to_exactly_the_uninterrupted_output(small,
     finally:
         torch.set_num_threads(threads)
 
-    table = pq.read_table(tmp_path / "killed.parquet")
-    assert table.num_rows == 997 and table.equals(pq.read_table(tmp_path / "whole.parquet"))
-    assert (tmp_path / "killed.rejects.jsonl").read_text() == (tmp_path / "whole.rejects.jsonl").read_text()
+    assert pq.read_table(tmp_path / "killed.parquet").num_rows == 997
+    assert (tmp_path / "killed.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert (tmp_path / "killed.rejects.jsonl").read_bytes() == (tmp_path / "whole.rejects.jsonl").read_bytes()
     assert not partial.exists()
+
+
+KILL_AT = """
+import os, signal, sys
+from pathlib import Path
+from layerfuse.cli import main
+from layerfuse.run import local, shards
+
+point, output = sys.argv[1], Path(sys.argv[2]).name
+replace, write_manifest = os.replace, shards.ShardStore._write_manifest
+
+
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_before_renaming(name):
+    def renaming(source, target):
+        if Path(target).name == name:
+            kill()
+        replace(source, target)
+    return renaming
+
+
+def kill_before_listing_the_second(self):
+    if len(self.shards) == 2:
+        kill()
+    write_manifest(self)
+
+
+if point == "the second shard's files written, not listed":
+    shards.ShardStore._write_manifest = kill_before_listing_the_second
+elif point == "between the rejects and OUT":
+    local.write_output = kill
+elif point == "OUT written but not renamed":
+    os.replace = kill_before_renaming(output)
+elif point == "after OUT, before the partial folder is removed":
+    shards.ShardStore.remove = kill
+sys.exit(main(sys.argv[3:]))
+"""
+KILL_POINTS = {  # each one a fresh process; a kill between shards is the test above. Then: (OUT, rejects) there?
+    "the second shard's files written, not listed": (False, False),
+    "between the rejects and OUT": (False, True),
+    "OUT written but not renamed": (False, True),
+    "after OUT, before the partial folder is removed": (True, True),
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_run_killed_at_any_step_resumes_to_the_same_bytes(small, tmp_path, point):
+    write_corpus(tmp_path / "c.jsonl", count=40)
+    out, rejects = tmp_path / "out.parquet", tmp_path / "out.rejects.jsonl"
+    arguments = run_command(small, tmp_path, "out.parquet", "--shard-size", "12")[3:]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT, point, str(out), *arguments], env=ONE_THREAD, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out.exists(), rejects.exists()) == KILL_POINTS[point]
+    assert (tmp_path / "out.parquet.partial").is_dir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*arguments, "--resume", "--quiet"]) == 0
+        assert main([*arguments, "-o", str(tmp_path / "whole.parquet"), "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert out.read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert rejects.read_bytes() == (tmp_path / "whole.rejects.jsonl").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == [
+        "c.jsonl",
+        "out.parquet",
+        "out.rejects.jsonl",
+        "whole.parquet",
+        "whole.rejects.jsonl",
+    ]
+
+
+def test_an_interrupted_run_says_how_to_go_on_in_one_line(small, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", count=1000, seed=5)
+    partial = tmp_path / "out.parquet.partial"
+    job = subprocess.Popen(
+        run_command(small, tmp_path, "out.parquet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while job.poll() is None and not (
+            (partial / "manifest.json").is_file() and json.loads((partial / "manifest.json").read_text())["shards"]
+        ):
+            time.sleep(0.005)
+        assert job.poll() is None, "the job finished before it could be interrupted"
+        job.send_signal(signal.SIGINT)
+        _, error = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 130
+    assert error.splitlines()[-1] == (
+        f"layerfuse run: interrupted; the finished shards are kept in {partial}: "
+        "carry on with the same command and --resume"
+    )
+    assert "Traceback" not in error and json.loads((partial / "manifest.json").read_text())["shards"]
 
 
 def test_resuming_with_other_settings_is_refused(small, tmp_path):
@@ -500,6 +857,67 @@ def test_resuming_with_other_settings_is_refused(small, tmp_path):
         layerfuse.ArgumentValueError, match=r"cannot resume the run in .*: it was made with other settings"
     ):
         embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, resume=True)
+
+
+@pytest.fixture
+def failing():
+    """A method whose forward fails from its `failing.after`-th call on (the first: 0), as an overflow would."""
+
+    @register_method("fails_test")
+    class Fails(layerfuse.Method):
+        formula = "h + v"
+        after = 0
+        calls = 0
+
+        def forward(self, hidden, info):
+            Fails.calls += 1
+            if Fails.calls > Fails.after:
+                raise RuntimeError("value cannot be converted to type float without overflow")
+            return hidden + info
+
+    try:
+        yield Fails
+    finally:
+        del METHODS["fails_test"]
+
+
+def test_a_forward_that_fails_before_a_shard_is_done_leaves_nothing_behind(small, tmp_path, failing):
+    write_corpus(tmp_path / "c.jsonl")
+    info = torch.ones(32)
+    failing_run = FusionConfig(layer=1, method="fails_test")
+    with pytest.raises(RuntimeError, match="overflow"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=failing_run, info=info)
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl"]
+    summary = embed_corpus(
+        tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, fusion=FusionConfig(layer=1), info=info
+    )
+    assert summary.written == 27
+
+
+def test_a_forward_that_fails_mid_run_keeps_its_shards_and_says_how_to_go_on(small, tmp_path, capsys, failing):
+    write_corpus(tmp_path / "c.jsonl")
+    torch.save(torch.ones(32), tmp_path / "info.pt")
+    failing.after = 2  # shard 0 (8 rows, batches of 4) is done, shard 1 fails
+    run = ["run", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "out.parquet"), "--model", str(small), "--quiet"]
+    run += ["--layer", "1", "--info", str(tmp_path / "info.pt"), "--shard-size", "8", "--batch-size", "4"]
+    with pytest.raises(RuntimeError, match="overflow"):
+        main([*run, "--method", "fails_test"])
+    partial = tmp_path / "out.parquet.partial"
+    assert len(json.loads((partial / "manifest.json").read_text())["shards"]) == 1
+    capsys.readouterr()
+
+    assert main([*run, "--method", "addition"]) == 2
+    error = capsys.readouterr().err
+    assert "out.parquet.partial holds an interrupted run (1 shard done): carry on with --resume and the same" in error
+    assert "or start over with --overwrite" in error
+    assert main([*run, "--method", "addition", "--resume"]) == 2
+    assert "it was made with other settings (fusion): run it with the same ones, or start over (--overwrite" in (
+        capsys.readouterr().err
+    )
+    assert main([*run, "--method", "addition", "--overwrite"]) == 0
+    assert main([*run, "--method", "addition", "-o", str(tmp_path / "fresh.parquet")]) == 0
+    assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "fresh.parquet"))
+    assert not partial.exists()
 
 
 def interrupt_after_shards(monkeypatch, input: Path, output: Path, model: Path, shards: int = 1) -> None:

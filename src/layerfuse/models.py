@@ -17,6 +17,7 @@ from huggingface_hub import constants as hub
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelNotFoundError
+from .paths import check_readable
 
 DEFAULT_MODEL = "embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
 DEFAULT_TEXTS = (
@@ -70,6 +71,7 @@ def load_model(name: str | os.PathLike[str] | None = None) -> tuple[PreTrainedMo
     if path.is_dir() or path.is_absolute() or str(name).startswith((".", "~")):
         if not path.is_dir():
             raise ModelNotFoundError(f"no model folder at {path}: pass an existing folder or a hub name")
+        check_readable(path, "the model folder")
         try:
             return _load(path)
         except (OSError, ValueError) as error:

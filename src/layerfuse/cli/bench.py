@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from ..paths import check_writable
 from .options import (
     add_json_option,
     add_layer_option,
@@ -68,6 +69,7 @@ def execute(args: argparse.Namespace) -> int:
 
     if args.plot:
         require_matplotlib()
+        check_writable(args.plot, "the plot")
     grid = {name: getattr(args, name) for name in ("method", "shapes", "threads") if getattr(args, name) is not None}
     report = bench(
         args.model,

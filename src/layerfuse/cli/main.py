@@ -1,6 +1,7 @@
 """`layerfuse COMMAND ...`: the parser, built from one module per command, and the dispatch.
 
-Bad input that the library refuses (a `LayerfuseError`) exits with code 2 and its message, no traceback.
+Bad input that the library refuses (a `LayerfuseError`) exits with code 2 and its message, no traceback;
+an interrupt (Ctrl-C) with code 130 and one line, which a command may complete with what to do next.
 
 >>> parser().parse_args(["compare", "--layer", "3", "--positions", "0,-1"]).positions
 [0, -1]
@@ -41,3 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayerfuseError as error:
         print(f"layerfuse {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupted", None)
+        print(f"layerfuse {args.command}: interrupted{'' if hint is None else '; ' + hint(args)}", file=sys.stderr)
+        return 130

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from ..config import FusionConfig
 from ..errors import ArgumentValueError
+from ..paths import check_readable
 from ..saving import load_config
 from .options import add_fusion_options, add_model_option, fusion_options
 
@@ -83,7 +85,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--workers", type=int, metavar="N", help="Ray actors, one CPU each (default: every CPU of the cluster)"
     )
-    parser.set_defaults(execute=execute)
+    parser.set_defaults(execute=execute, interrupted=interrupted)
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -117,11 +119,23 @@ def execute(args: argparse.Namespace) -> int:
     return 1 if summary.nonfinite else 0
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    """What to do after an interrupt: carry on from the finished shards, or run again."""
+    from ..run.job import partial_folder
+
+    partial = partial_folder(Path(args.output))
+    if args.engine == "local" and partial.is_dir():
+        return f"the finished shards are kept in {partial}: carry on with the same command and --resume"
+    return "no shard was finished: run the command again"
+
+
 def run_fusion(args: argparse.Namespace) -> tuple[FusionConfig | None, torch.Tensor | None]:
     """The `FusionConfig` and info that run's options name: by --layer, or --fusion's with --approach; or neither."""
     options = fusion_options(args)
     info = options.pop("info", None)
     if args.fusion is not None:
+        if Path(args.fusion).is_dir():
+            check_readable(args.fusion, "the saved fusion")
         given = sorted(set(options) - {"approach"})
         if given:
             raise ArgumentValueError(

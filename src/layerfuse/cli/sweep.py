@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..info import read_info
-from ..lab.sweep_report import sweep_report, write_outputs
+from ..lab.sweep_report import check_outputs_path, sweep_report, write_outputs
 from ..models import DEFAULT_TEXTS
 from ..sweep import sweep
 from .options import (
@@ -48,6 +48,8 @@ def execute(args: argparse.Namespace) -> int:
     """Sweep the infos, save the outputs if asked, print the report."""
     fusion = fusion_options(args, passed_to=(sweep_report, sweep))
     arguments = fusion.pop("arguments", {})
+    if args.output:
+        check_outputs_path(args.output)
     report, outputs = sweep_report(
         args.model,
         read_info(args.infos),

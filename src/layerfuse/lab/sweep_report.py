@@ -23,6 +23,7 @@ from ..config import FusionConfig
 from ..errors import FileFormatError
 from ..models import DEFAULT_TEXTS, model_label
 from ..outputs import split_output
+from ..paths import check_writable
 from ..sweep import chunk_size_for, sweep
 from .compare import fused_batch
 
@@ -95,16 +96,26 @@ def sweep_report(
     return report, outputs
 
 
+OUTPUT_FORMATS = (".pt", ".npy", ".safetensors")
+
+
+def check_outputs_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a path that `write_outputs` could not write to, before the sweep runs."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_FORMATS:
+        raise FileFormatError(f"cannot write outputs to {path.name}: use a {', '.join(OUTPUT_FORMATS)} file")
+    check_writable(path, "the outputs")
+
+
 def write_outputs(path: str | os.PathLike[str], outputs: torch.Tensor) -> Path:
     """Write a sweep's outputs to a `.pt`, `.npy` or `.safetensors` file (as the tensor named "outputs")."""
     path = Path(path)
+    check_outputs_path(path)
     tensor = outputs.detach().cpu().contiguous()
     writers = {
         ".pt": lambda: torch.save(tensor, path),
         ".npy": lambda: numpy.save(path, (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()),
         ".safetensors": lambda: save_file({"outputs": tensor}, path),
     }
-    if path.suffix not in writers:
-        raise FileFormatError(f"cannot write outputs to {path.name}: use a {', '.join(writers)} file")
     writers[path.suffix]()
     return path

@@ -2,6 +2,7 @@
 
 corpus.py      read .txt, .jsonl, .csv, .parquet row by row; bad rows become rejects
 fusion.py      the run's FusionConfig and info: checked to suit a run, attached to each model, described
+truncation.py  capped: tokenise no more of a row than its first tokens come from
 embedding.py   Embedder: length-sorted batches under inference mode, pooling, NaN and truncation flags
 tables.py      shards of the corpus as Arrow tables; the output's columns
 shards.py      ShardStore: shards and manifest with atomic renames, for resuming

@@ -1,5 +1,6 @@
 """Read a corpus row by row from .txt, .jsonl, .csv or .parquet: each row a text, or a reject with its reason.
 
+A UTF-8 byte order mark opening a .txt, .jsonl or .csv file is not part of its first row.
 Rows are numbered from 0 in file order (in a .csv, the records after the header), bad rows included,
 so that row k of the corpus is row k of per-row info. A .txt file holds one text a line; the other
 formats name the text column (default "text") and optionally an id column carried to the output.
@@ -20,6 +21,7 @@ Text(row=3, text='last text', id=None)
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from ..errors import ArgumentValueError, FileFormatError
+from ..paths import check_readable
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 JSONL_KEYS_CHECKED = 100
@@ -92,9 +95,11 @@ def _count_lines(path: Path) -> int:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file without their line ends, and without the UTF-8 byte order mark that may open it."""
     with path.open("rb") as file:
-        for line in file:
-            yield line.removesuffix(b"\n").removesuffix(b"\r")
+        for number, line in enumerate(file):
+            line = line.removesuffix(b"\n").removesuffix(b"\r")
+            yield line.removeprefix(codecs.BOM_UTF8) if number == 0 else line
 
 
 class Corpus:
@@ -109,6 +114,7 @@ class Corpus:
             raise ArgumentValueError(f"cannot read a corpus from {self.path.name}: use a {', '.join(FORMATS)} file")
         if not self.path.is_file():
             raise ArgumentValueError(f"no input file at {self.path}")
+        check_readable(self.path, "the input")
         if self.format == ".txt" and (text_column or id_column):
             raise ArgumentValueError(
                 "a .txt corpus holds one text a line and no columns: "

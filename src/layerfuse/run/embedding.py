@@ -28,6 +28,7 @@ from ..errors import ArgumentValueError, positive_int
 from ..fusion import Fusion
 from ..models import load_model
 from .fusion import attach, row_info
+from .truncation import capped
 
 POOLINGS = ("mean", "cls", "none")
 
@@ -96,7 +97,7 @@ class Embedder:
 
     def __call__(self, table: pa.Table, progress: Callable[[int], None] | None = None) -> pa.Table:
         """`table` with `embedding`, `truncated` and `finite` columns added; `progress(n)` after each batch."""
-        texts = table.column("text").to_pylist()
+        texts = [capped(self.tokenizer, text, self.max_length) for text in table.column("text").to_pylist()]
         rows = torch.tensor(table.column("row").to_pylist(), dtype=torch.long)
         tokens = self.tokenizer(texts, verbose=False, return_attention_mask=False)["input_ids"] if texts else []
         lengths = numpy.array([len(ids) for ids in tokens], dtype=numpy.int64)

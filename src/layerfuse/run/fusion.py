@@ -28,6 +28,7 @@ from ..errors import ArgumentTypeError, ArgumentValueError
 from ..fusion import Fusion, fuse
 from ..info import LAYOUTS
 from ..methods import METHODS
+from ..paths import check_readable
 from ..positions import NAMED
 from ..saving import load_fusion, read_fusion
 
@@ -42,6 +43,8 @@ def run_fusion(
     if config is not None and not isinstance(config, FusionConfig):
         raise ArgumentTypeError(f"a run's fusion is a layerfuse.FusionConfig, got {type(config).__name__}")
     if saved is not None:
+        if Path(saved).is_dir():
+            check_readable(saved, "the saved fusion")
         saved_config, saved_info = read_fusion(saved)
         config = saved_config if config is None else config
         info = saved_info if info is None else info

@@ -27,12 +27,14 @@ import torch
 
 from ..config import FusionConfig
 from ..errors import ArgumentValueError, positive_int
+from ..paths import check_writable
 from .corpus import Corpus
 from .embedding import Embedder, embedding_type
 from .formats import check_output_format
 from .fusion import describe, file_digest, model_digest, run_fusion
 from .local import run_local
 from .ray_engine import run_on_ray
+from .shards import finished_shards
 from .summary import RunSummary
 from .tables import output_schema
 
@@ -97,7 +99,13 @@ def partial_folder(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def _check_paths(input: Path, output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool) -> None:
+def _check_paths(
+    input: Path, output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool, folder: bool
+) -> None:
+    """Refuse paths that are one another, or that the job could not write: all before any work.
+
+    `folder`: the output is a folder (the Ray engine's), not a file.
+    """
     named = {"the input": input, "the output": output, "the rejects file": rejects, "the partial folder": partial}
     seen: dict[Path, str] = {}
     for what, path in named.items():
@@ -107,14 +115,20 @@ def _check_paths(input: Path, output: Path, rejects: Path, partial: Path, *, ove
                 f"{seen[where]} and {what} are both {path}: give each its own path (--output, --rejects)"
             )
         seen[where] = what
+    check_writable(output, "the output", folder=folder)
+    check_writable(rejects, "the rejects file")
+    check_writable(partial, "the partial folder", folder=True)
     # Resuming a run killed while it wrote its results: they are that run's, made again from its shards.
     finishing = resume and partial.is_dir()
     for path in (output, rejects):
         if path.exists() and not (overwrite or finishing):
             raise ArgumentValueError(f"{path} exists: pass --overwrite to replace it")
-    if partial.exists() and not (resume or overwrite):
+    finished = finished_shards(partial) if partial.is_dir() else 0
+    if finished != 0 and not (resume or overwrite):
+        done = "" if finished is None else f" ({finished} shard{'s' * (finished != 1)} done)"
         raise ArgumentValueError(
-            f"{partial} holds an interrupted run: carry on with --resume, or start over with --overwrite"
+            f"{partial} holds an interrupted run{done}: carry on with --resume and the same options, "
+            "or start over with --overwrite"
         )
 
 
@@ -170,7 +184,9 @@ def embed_corpus(
         if ray_address is not None or workers is not None:
             raise ArgumentValueError("a Ray address and workers are for the ray engine (--engine ray)")
     rejects = Path(rejects) if rejects is not None else output.with_suffix(".rejects.jsonl")
-    _check_paths(corpus.path, output, rejects, partial_folder(output), overwrite=overwrite, resume=resume)
+    _check_paths(
+        corpus.path, output, rejects, partial_folder(output), overwrite=overwrite, resume=resume, folder=engine == "ray"
+    )
     rows = corpus.count()
     fusion, info = run_fusion(fusion, info, saved)
     settings: dict[str, Any] = {

@@ -2,7 +2,8 @@
 
 Killed at any moment, the job leaves the shards it finished; run again with `resume`, it starts at
 the first missing shard and makes the same batches, so the output is the one an uninterrupted run
-writes. The output and the rejects file appear only once every shard is done.
+writes. The output and the rejects file appear only once every shard is done. A job that fails
+before it finished a shard leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -28,17 +29,22 @@ def run_local(job: Job, embedder: Embedder, *, resume: bool = False, progress: b
     start = time.perf_counter()
     store = ShardStore(job.partial, job.settings(), resume=resume)
     resumed = store.next_row
-    with tqdm(total=job.rows, initial=resumed, unit="rows", disable=not progress, dynamic_ncols=True) as bar:
-        for shard in corpus_shards(job.corpus, job.shard_size, start=resumed):
-            bar.update(len(shard.rejects))
-            embedded = embedder(shard.table, progress=bar.update)
-            store.add(
-                shard.index,
-                output_rows(embedded, job.schema),
-                sorted(shard.rejects + nonfinite_rejects(embedded)),
-                rows=shard.rows,
-                truncated=pc.sum(embedded.column("truncated")).as_py() or 0,
-            )
+    try:
+        with tqdm(total=job.rows, initial=resumed, unit="rows", disable=not progress, dynamic_ncols=True) as bar:
+            for shard in corpus_shards(job.corpus, job.shard_size, start=resumed):
+                bar.update(len(shard.rejects))
+                embedded = embedder(shard.table, progress=bar.update)
+                store.add(
+                    shard.index,
+                    output_rows(embedded, job.schema),
+                    sorted(shard.rejects + nonfinite_rejects(embedded)),
+                    rows=shard.rows,
+                    truncated=pc.sum(embedded.column("truncated")).as_py() or 0,
+                )
+    except BaseException:
+        if not store.shards:  # nothing to resume: leave nothing behind
+            store.remove()
+        raise
     atomic_write(job.rejects, lambda path: path.write_text("".join(store.rejects())))
     write_output(job.output, store.tables(), job.schema, rows=sum(shard["written"] for shard in store.shards))
     store.remove()

@@ -55,6 +55,17 @@ def manifest_digest(job: dict[str, Any], shards: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps({"job": job, "shards": shards}, sort_keys=True).encode()).hexdigest()
 
 
+def finished_shards(folder: Path) -> int | None:
+    """How many shards the partial folder `folder` lists as finished: 0 if it is empty, None if it cannot tell."""
+    if not any(folder.iterdir()):
+        return 0
+    try:
+        shards = json.loads((folder / MANIFEST).read_text()).get("shards")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return len(shards) if isinstance(shards, list) else None
+
+
 def rejects_jsonl(rejects: list[Reject]) -> str:
     """Rejects as JSON lines: row, reason, detail."""
     return "".join(json.dumps(reject._asdict()) + "\n" for reject in rejects)

@@ -62,6 +62,17 @@ __all__ = [
 ]
 
 
+def _check_positions(network: torch.nn.Module, shapes: Sequence[tuple[int, int]]) -> None:
+    """Refuse shapes with more tokens than the model has positions."""
+    positions = getattr(network.config, "max_position_embeddings", None)
+    longest = max(shapes, key=lambda shape: shape[1])
+    if positions is not None and longest[1] > positions:
+        raise ArgumentValueError(
+            f"shape {longest[0]}x{longest[1]} has more tokens than this model's {positions} positions: "
+            f"use at most {positions} tokens"
+        )
+
+
 def bench(
     model: str | None = None,
     *,
@@ -101,6 +112,7 @@ def bench(
     if learned:
         raise ArgumentValueError(f"bench times fixed methods; {', '.join(learned)} must be trained first")
     network = load_model(model)[0].to(device=parsed_device, dtype=parsed_dtype)
+    _check_positions(network, [*shapes, *method_shapes, *(compile_shapes if compiled else ())])
     layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
     previous_threads = torch.get_num_threads()
     points: list[Point] = []
