@@ -141,7 +141,11 @@ def test_fusing_a_sentence_transformer_fuses_its_transformer(st, positions):
 
 
 def test_a_sentence_transformer_without_a_hugging_face_model_is_refused_untouched():
-    dense = sentence_transformers.SentenceTransformer(modules=[sentence_transformers.models.Dense(4, 4)], device="cpu")
+    try:
+        from sentence_transformers.base.modules import Dense
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Dense
+    dense = sentence_transformers.SentenceTransformer(modules=[Dense(4, 4)], device="cpu")
     before = snapshot(dense)
     with pytest.raises(
         layerfuse.ArchitectureError, match="has no Hugging Face model to fuse: its first module is a Dense"
