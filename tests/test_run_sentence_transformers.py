@@ -225,6 +225,14 @@ def test_a_folder_of_an_older_sentence_transformers_reads_as_its_newer_form(tran
         )
     )
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
+    (folder / "0_Transformer").mkdir()
+    for path in list(folder.iterdir()):
+        if path.is_file() and path.name not in ("modules.json", "config_sentence_transformers.json", "README.md"):
+            path.rename(folder / "0_Transformer" / path.name)
+    listed = json.loads((folder / "modules.json").read_text())
+    listed[0] |= {"path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}
+    listed[1] |= {"type": "sentence_transformers.models.Pooling"}
+    (folder / "modules.json").write_text(json.dumps(listed))
     texts = texts_in_encode_order([30, 9, 4])
     got, summary = run(tmp_path, texts, model=folder)
     assert summary.pooling == "weightedmean"
