@@ -237,3 +237,18 @@ def test_a_folder_of_an_older_sentence_transformers_reads_as_its_newer_form(tran
     got, summary = run(tmp_path, texts, model=folder)
     assert summary.pooling == "weightedmean"
     assert torch.equal(got, st.encode(texts, batch_size=4, convert_to_tensor=True))
+
+
+def test_per_token_states_of_a_normalizing_folder_are_its_token_embeddings(transformer_folder, tmp_path):
+    folder, st = st_folder(transformer_folder, tmp_path / "st", "mean", normalize=True)
+    texts = texts_in_encode_order([30, 9, 4])
+    output = tmp_path / "tokens.parquet"
+    summary = embed_corpus(
+        write_corpus(tmp_path / "c.jsonl", texts), output, model=folder, pooling="none", bucket=False
+    )
+    assert (summary.pooling, summary.normalize) == ("none", False)
+    expected = st.encode(texts, batch_size=32, output_value="token_embeddings")
+    for states, want in zip(pq.read_table(output).column("embedding").to_pylist(), expected):
+        assert torch.equal(torch.tensor(states), want)
+    with pytest.raises(layerfuse.ArgumentValueError, match="pooling 'none' makes none"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "x.parquet", model=folder, pooling="none", normalize=True)
