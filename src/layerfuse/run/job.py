@@ -154,8 +154,9 @@ def embed_corpus(
     if `include_text`, `embedding`), .npy or .safetensors; with `engine="ray"`, a folder of Parquet
     files. Bad rows are skipped and listed in `rejects` (default: the output's name with
     .rejects.jsonl). `pooling`, `normalize` and `max_length` default to a sentence-transformers folder's
-    own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's limit. The local engine writes shards of `shard_size` rows as it goes; `resume`
-    carries on an interrupted run. Bad arguments raise a `LayerfuseError` before any work.
+    own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's limit. The
+    local engine writes shards of `shard_size` rows as it goes; `resume` carries on an interrupted run.
+    Bad arguments raise a `LayerfuseError` before any work.
     """
     if engine not in ENGINES:
         raise ArgumentValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
