@@ -124,3 +124,31 @@ def test_encode_gives_each_text_its_own_row_of_info(st, batch_size):
 def test_encode_refuses_info_with_another_number_of_rows(st):
     with pytest.raises(layerfuse.ArgumentValueError, match="the info has 3 rows for 4 texts"):
         layerfuse.encode(st, TEXTS, layerfuse.FusionConfig(layer=LAYER), torch.randn(3, 384))
+
+
+@pytest.mark.parametrize("positions", ["all", "tokens", "first", "last"])
+def test_fusing_a_sentence_transformer_fuses_its_transformer(st, positions):
+    config = layerfuse.FusionConfig(layer=LAYER, positions=positions)
+    before = snapshot(st)
+    with layerfuse.fuse(st, steer(), config) as fusion:
+        assert fusion.model is st[0].auto_model
+        whole = st.encode(TEXTS, batch_size=8, convert_to_tensor=True)
+    assert_unchanged(st, before)
+    with layerfuse.fuse(st[0].auto_model, steer(), config):
+        inner = st.encode(TEXTS, batch_size=8, convert_to_tensor=True)
+    assert torch.equal(whole, inner)
+    assert not torch.allclose(whole, st.encode(TEXTS, batch_size=8, convert_to_tensor=True), atol=1e-4)
+
+
+def test_a_sentence_transformer_without_a_hugging_face_model_is_refused_untouched():
+    try:
+        from sentence_transformers.base.modules import Dense
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Dense
+    dense = sentence_transformers.SentenceTransformer(modules=[Dense(4, 4)], device="cpu")
+    before = snapshot(dense)
+    with pytest.raises(
+        layerfuse.ArchitectureError, match="has no Hugging Face model to fuse: its first module is a Dense"
+    ):
+        layerfuse.fuse(dense, torch.ones(4), layer=1)
+    assert_unchanged(dense, before)

@@ -26,13 +26,7 @@ from .errors import ArgumentTypeError, ArgumentValueError, positive_int
 from .fusion import fuse
 from .info import LAYOUTS
 from .methods import METHODS
-
-
-def transformer_of(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a sentence-transformers model (its first module's), or `model` itself."""
-    first = model[0] if isinstance(model, nn.Sequential) and len(model) else None
-    inner = getattr(first, "auto_model", None) or getattr(first, "model", None)
-    return inner if isinstance(inner, nn.Module) else model
+from .models import transformer_of
 
 
 def encode(

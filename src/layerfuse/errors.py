@@ -41,7 +41,7 @@ class InfoValueError(LayerfuseError, ValueError):
 
 
 class ArchitectureError(LayerfuseError, ValueError):
-    """A model whose blocks or embeddings cannot be located."""
+    """A model whose blocks or embeddings cannot be located, or whose modules a run cannot reproduce."""
 
 
 class ModelNotFoundError(LayerfuseError, FileNotFoundError):

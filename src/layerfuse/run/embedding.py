@@ -1,9 +1,12 @@
 """`Embedder`: embed a table of texts with a model and its fusion, sorted by length into batches.
 
 Sorting by token count puts texts of similar length together, so batches carry little padding; the
-embeddings come back in the table's order. Pooling is "mean" (over real tokens), "cls" (the first
-token) or "none" (every real token's state). Each row is flagged if it was truncated to
-`max_length` tokens or if its embedding holds NaN or infinity.
+embeddings come back in the table's order. Pooling is one of sentence-transformers' modes (`pool`:
+"mean" over real tokens, "cls" the first one, "max", "lasttoken", "weightedmean",
+"mean_sqrt_len_tokens"), optionally L2-normalised, or "none" (every real token's state). A
+sentence-transformers folder brings its own pooling, normalisation and max length (`read_st_folder`),
+so that its embeddings are those of `SentenceTransformer(folder).encode`. Each row is flagged if it was
+truncated to `max_length` tokens or if its embedding holds NaN or infinity.
 
 >>> import pyarrow as pa
 >>> with Embedder.load(max_length=8) as embedder:
@@ -21,16 +24,20 @@ from types import TracebackType
 import numpy
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import FusionConfig
 from ..errors import ArgumentValueError, positive_int
 from ..fusion import Fusion
-from ..models import load_model
+from ..models import embedded_model_path, load_model
 from .fusion import attach, row_info
+from .pooling import POOLINGS as POOLED
+from .pooling import pool
+from .st_folder import read_st_folder
 from .truncation import capped
 
-POOLINGS = ("mean", "cls", "none")
+POOLINGS = (*POOLED, "none")
 
 
 def embedding_type(hidden_size: int, pooling: str) -> pa.DataType:
@@ -53,12 +60,15 @@ class Embedder:
         *,
         rows_info: torch.Tensor | None = None,
         pooling: str = "mean",
+        normalize: bool = False,
         max_length: int | None = None,
         batch_size: int = 32,
         bucket: bool = True,
     ) -> None:
         if pooling not in POOLINGS:
             raise ArgumentValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        if normalize and pooling == "none":
+            raise ArgumentValueError("normalize L2-normalises a pooled embedding: pooling 'none' makes none")
         positive_int("batch size", batch_size)
         limits = (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
         limit = min(value for value in limits if value)
@@ -68,7 +78,7 @@ class Embedder:
                 f"max length must be from {shortest} to this model's {limit} tokens, got {max_length}"
             )
         self.model, self.tokenizer, self.fusion = model, tokenizer, fusion
-        self.pooling, self.batch_size, self.bucket = pooling, batch_size, bucket
+        self.pooling, self.normalize, self.batch_size, self.bucket = pooling, normalize, batch_size, bucket
         self.max_length = limit if max_length is None else max_length
         self.hidden_size: int = model.config.hidden_size
         self.rows_info = rows_info
@@ -80,16 +90,30 @@ class Embedder:
         fusion: FusionConfig | None = None,
         info: torch.Tensor | None = None,
         saved: str | os.PathLike[str] | None = None,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
         **options: object,
     ) -> Embedder:
         """Load `model` (None: the embedded MiniLM BERT), fuse it as `fusion` says, and embed with `options`.
 
         `fusion` and `info` are a run's, as `run_fusion` checks them; `saved` a saved fusion's folder.
+        `pooling`, `normalize` and `max_length` not given are a sentence-transformers folder's own, else
+        "mean", no normalisation and the model's limit; a folder's normalisation is of its pooled
+        embedding, so pooling "none" drops it.
         """
-        network, tokenizer = load_model(model)
+        folder = read_st_folder(embedded_model_path() if model is None else model)
+        network, tokenizer = load_model(model if folder is None else folder.transformer)
+        if folder is not None:
+            pooling = folder.pooling if pooling is None else pooling
+            normalize = folder.normalize and pooling != "none" if normalize is None else normalize
+            max_length = folder.max_length if max_length is None else max_length
+        pooling = "mean" if pooling is None else pooling
+        settings = {"pooling": pooling, "normalize": bool(normalize), "max_length": max_length, **options}
         attached = None if fusion is None else attach(network, fusion, info, saved)
         try:
-            return cls(network, tokenizer, attached, rows_info=row_info(fusion, info), **options)
+            return cls(network, tokenizer, attached, rows_info=row_info(fusion, info), **settings)
         except BaseException:
             if attached is not None:
                 attached.remove()
@@ -128,14 +152,13 @@ class Embedder:
         if self.rows_info is not None:
             self.fusion.set_info(self.rows_info[rows])
         hidden = self.model(**inputs).last_hidden_state.float()
-        mask = inputs["attention_mask"].bool()
-        if self.pooling == "cls":
-            pooled = hidden[:, :1]
-        elif self.pooling == "mean":
-            pooled = (hidden * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
-        else:
-            return [state[real].numpy() for state, real in zip(hidden, mask)]
-        return list(pooled.numpy())
+        mask = inputs["attention_mask"]
+        if self.pooling == "none":
+            return [state[real.bool()].numpy() for state, real in zip(hidden, mask)]
+        pooled = pool(self.pooling, hidden, mask)
+        if self.normalize:
+            pooled = F.normalize(pooled, p=2, dim=-1)
+        return list(pooled[:, None].numpy())
 
     def close(self) -> None:
         """Remove the fusion from the model."""

@@ -88,6 +88,8 @@ class Job:
             written=sum(shard["written"] for shard in shards),
             truncated=sum(shard["truncated"] for shard in shards),
             max_length=self.embedder["max_length"],
+            pooling=self.embedder["pooling"],
+            normalize=self.embedder["normalize"],
             rejected=dict(rejected),
             resumed=resumed,
             seconds=seconds,
@@ -143,7 +145,8 @@ def embed_corpus(
     text_column: str | None = None,
     id_column: str | None = None,
     include_text: bool = False,
-    pooling: str = "mean",
+    pooling: str | None = None,
+    normalize: bool | None = None,
     max_length: int | None = None,
     batch_size: int = 32,
     shard_size: int = 4096,
@@ -164,8 +167,10 @@ def embed_corpus(
     "text") and `id_column`. The `output` name says its format: .parquet (columns `row`, `id`, `text`
     if `include_text`, `embedding`), .npy or .safetensors; with `engine="ray"`, a folder of Parquet
     files. Bad rows are skipped and listed in `rejects` (default: the output's name with
-    .rejects.jsonl). The local engine writes shards of `shard_size` rows as it goes; `resume`
-    carries on an interrupted run. Bad arguments raise a `LayerfuseError` before any work.
+    .rejects.jsonl). `pooling`, `normalize` and `max_length` default to a sentence-transformers folder's
+    own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's limit. The
+    local engine writes shards of `shard_size` rows as it goes; `resume` carries on an interrupted run.
+    Bad arguments raise a `LayerfuseError` before any work.
     """
     if engine not in ENGINES:
         raise ArgumentValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -195,6 +200,7 @@ def embed_corpus(
         "info": info,
         "saved": saved,
         "pooling": pooling,
+        "normalize": normalize,
         "max_length": max_length,
         "batch_size": batch_size,
         "bucket": bucket,
@@ -210,9 +216,10 @@ def embed_corpus(
             rows,
             output,
             rejects,
-            schema=output_schema(embedding_type(embedder.hidden_size, pooling), corpus.id_type, include_text),
+            schema=output_schema(embedding_type(embedder.hidden_size, embedder.pooling), corpus.id_type, include_text),
             shard_size=shard_size,
-            embedder=settings | {"max_length": embedder.max_length},
+            embedder=settings
+            | {"pooling": embedder.pooling, "normalize": embedder.normalize, "max_length": embedder.max_length},
             model_sha256=model_digest(embedder.model),
         )
         if engine == "local":

@@ -2,9 +2,10 @@
 
 >>> from pathlib import Path
 >>> summary = RunSummary(Path("out.parquet"), Path("out.rejects.jsonl"), rows=10, written=8, truncated=1,
-...                      max_length=128, rejected={"empty text": 2}, resumed=0, seconds=2.0)
+...                      max_length=128, rejected={"empty text": 2}, resumed=0, seconds=2.0, normalize=True)
 >>> print(summary.report())
 wrote 8 of 10 rows to out.parquet in 2.0 s (5.0 rows/s)
+embeddings: mean pooling, L2-normalised, at most 128 tokens
 rejected 2 rows (2 empty text), listed in out.rejects.jsonl
 truncated 1 row to 128 tokens
 """
@@ -23,7 +24,8 @@ def _rows(count: int) -> str:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """Corpus `rows`, rows `written`, rows `truncated` to `max_length` tokens, rejects by reason, and timing.
+    """Corpus `rows`, rows `written`, rows `truncated` to `max_length` tokens, rejects by reason, timing,
+    and how the embeddings were made: their `pooling` and whether they were L2-normalised.
 
     `resumed` rows were done by an earlier, interrupted run; `seconds` is this run's time.
     """
@@ -37,6 +39,8 @@ class RunSummary:
     rejected: dict[str, int]
     resumed: int
     seconds: float
+    pooling: str = "mean"
+    normalize: bool = False
 
     @property
     def nonfinite(self) -> int:
@@ -54,6 +58,10 @@ class RunSummary:
             f"wrote {self.written} of {_rows(self.rows)} to {self.output} in {self.seconds:.1f} s "
             f"({self.rows_per_second:.1f} rows/s)" + (f", resuming after row {self.resumed}" if self.resumed else "")
         ]
+        made = "each real token's state" if self.pooling == "none" else f"{self.pooling} pooling"
+        lines.append(
+            f"embeddings: {made}{', L2-normalised' if self.normalize else ''}, at most {self.max_length} tokens"
+        )
         total = sum(self.rejected.values())
         if total:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.rejected.items()))
