@@ -17,11 +17,23 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import ArgumentValueError, positive_int
 from .fusion import Fusion
 
 Batch = tuple[dict[str, torch.Tensor], "torch.Tensor | None", Any]
+
+
+def trainable_parameters(fusion: Fusion) -> list[nn.Parameter]:
+    """The fusion's parameters that training changes; an error if it has none."""
+    parameters = [p for p in fusion.method.parameters() if p.requires_grad]
+    if not parameters:
+        raise ArgumentValueError(
+            f"the {fusion.method.method_name or type(fusion.method).__name__} fusion has no parameters "
+            "to train: use a learned method such as film, gate, concat or cross_attention"
+        )
+    return parameters
 
 
 def train(
@@ -38,12 +50,7 @@ def train(
     (None keeps the current info) and `loss(outputs, target)` is minimised. It must be re-iterable
     for several epochs. The model's parameters are frozen during training and restored after.
     """
-    parameters = [p for p in fusion.method.parameters() if p.requires_grad]
-    if not parameters:
-        raise ArgumentValueError(
-            f"the {fusion.method.method_name or type(fusion.method).__name__} fusion has no parameters "
-            "to train: use a learned method such as film, gate, concat or cross_attention"
-        )
+    parameters = trainable_parameters(fusion)
     positive_int("epochs", epochs)
     model = fusion.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
