@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +94,11 @@ def test_the_optimizer_holds_exactly_the_fusions_parameters(trained):
     held = [p for group in trained["trainer"].optimizer.param_groups for p in group["params"]]
     assert sorted(map(id, held)) == sorted(id(p) for p in trained["fusion"].method.parameters())
     assert len(held) == len(list(trained["fusion"].method.parameters()))
+
+
+def test_evaluation_runs_the_fused_model_with_each_rows_info(trained):
+    metrics = trained["trainer"].evaluate(eval_dataset=dataset())
+    assert metrics["eval_loss"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
 
 
 def test_only_the_fusion_trains_and_the_model_stays_bitwise_the_same(trained):
@@ -242,3 +249,17 @@ def test_import_layerfuse_imports_no_trainer_until_asked():
     probe += "layerfuse.FusionTrainer\nprint('layerfuse.trainer' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False", "True"]
+
+
+def test_the_readme_trainer_example_runs_and_saves_the_trained_fusion(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"### Saving and training.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trained = namespace["trainer"].fusion.method.state_dict()
+    loaded = namespace["fusion"]
+    assert loaded.active and (tmp_path / "fusion-run" / "checkpoint-4" / "fusion_config.json").is_file()
+    assert all(torch.equal(value, trained[key]) for key, value in loaded.method.state_dict().items())
+    assert any(value.abs().sum() > 0 for key, value in trained.items() if key.startswith("gamma"))
+    loaded.remove()

@@ -26,12 +26,15 @@ True
 from __future__ import annotations
 
 import inspect
+import operator
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from torch.utils.data import SequentialSampler
+from transformers import PrinterCallback, ProgressCallback, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
@@ -152,3 +155,31 @@ class FusionTrainer(Trainer):
         finally:
             loaded.remove()
         fusion.method.load_state_dict(state)
+
+
+class BatchesTrainer(FusionTrainer):
+    """A `FusionTrainer` over ready-made batches, what `layerfuse.train` runs: each item of its dataset is a
+    whole batch, `{**inputs, "info": ..., "target": ...}`, run in the order given every epoch, and the
+    loss is `loss(outputs, target)`. It prints nothing.
+    """
+
+    def __init__(
+        self, fusion: Fusion, args: Any, batches: list[dict[str, Any]], loss: Callable[[Any, Any], Any]
+    ) -> None:
+        super().__init__(fusion, args, train_dataset=batches, data_collator=operator.itemgetter(0))
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.loss = loss
+        self.losses: list[float] = []
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:
+        return SequentialSampler(self.train_dataset)
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        target = inputs.pop("target")
+        outputs = model(**inputs)
+        value = self.loss(outputs, target)
+        self.losses.append(float(value.detach()))
+        return (value, outputs) if return_outputs else value
