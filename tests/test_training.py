@@ -74,3 +74,59 @@ def test_set_info_checks_like_fuse_and_keeps_the_old_info_on_error(tiny):
         assert fusion.info is old
         fusion.set_info(torch.zeros(4, 5, dtype=torch.float64))
         assert fusion.info.tensor.dtype == torch.float32 and fusion.info.batch_size == 4
+
+
+def reference_adam(fusion, steps, loss, epochs: int, lr: float) -> list[float]:
+    """Adam on the fusion's parameters alone, step by step over the batches in order: what `train` must do."""
+    frozen = [(p, p.requires_grad) for p in fusion.model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(fusion.method.parameters(), lr=lr)
+    losses = []
+    for _ in range(epochs):
+        for inputs, info, target in steps:
+            fusion.set_info(info)
+            optimizer.zero_grad()
+            value = loss(fusion.model(**inputs), target)
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+    for p, requires_grad in frozen:
+        p.requires_grad_(requires_grad)
+    return losses
+
+
+def test_train_is_adam_over_the_batches_in_order_every_epoch(capsys):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=2)).eval()
+    data = synthetic(64, seed=1)
+    cross_entropy = lambda out, target: F.cross_entropy(out.logits, target)
+    with layerfuse.fuse(model, data[1][:16], layer=-1, method="film", positions="first") as fusion:
+        losses = layerfuse.train(fusion, batches(data, 16), loss=cross_entropy, epochs=2, lr=0.05)
+        trained = {key: value.clone() for key, value in fusion.method.state_dict().items()}
+    with layerfuse.fuse(model, data[1][:16], layer=-1, method="film", positions="first") as fusion:
+        expected = reference_adam(fusion, list(batches(data, 16)), cross_entropy, epochs=2, lr=0.05)
+        reference = fusion.method.state_dict()
+    assert capsys.readouterr().out == ""
+    assert len(losses) == len(expected) == 8, "a generator of batches must serve every epoch"
+    # The Trainer's AdamW without weight decay makes Adam's update; its kernels may round differently.
+    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert all(torch.allclose(value, reference[key], rtol=1e-5, atol=1e-6) for key, value in trained.items())
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"epochs": 1.5}, layerfuse.ArgumentTypeError, "epochs must be a positive int"),
+        ({"epochs": 0}, layerfuse.ArgumentValueError, "epochs must be a positive int"),
+        ({"lr": float("nan")}, layerfuse.ArgumentValueError, "lr must be a positive finite number"),
+        ({"lr": 0.0}, layerfuse.ArgumentValueError, "lr must be a positive finite number"),
+        ({"lr": True}, layerfuse.ArgumentTypeError, "lr must be a positive number"),
+    ],
+)
+def test_bad_arguments_are_refused_before_training(tiny, batch, changes, error, match):
+    with layerfuse.fuse(tiny, torch.ones(3, 5), layer=1, method="film") as fusion:
+        before = {key: value.clone() for key, value in fusion.method.state_dict().items()}
+        with pytest.raises(error, match=match):
+            layerfuse.train(fusion, [(batch, None, None)], loss=lambda out, y: out.last_hidden_state.sum(), **changes)
+        assert all(torch.equal(value, before[key]) for key, value in fusion.method.state_dict().items())

@@ -49,6 +49,16 @@ from .saving import load_config, load_fusion
 from .sweep import sweep
 from .training import train
 
+
+def __getattr__(name: str) -> object:
+    """`layerfuse.FusionTrainer`, imported when first asked for: it needs accelerate (`layerfuse[train]`)."""
+    if name == "FusionTrainer":
+        from .trainer import FusionTrainer
+
+        return FusionTrainer
+    raise AttributeError(f"module 'layerfuse' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
     "Ablate",

@@ -31,6 +31,7 @@ from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
 from .positions import Positions, PositionsLike
+from .save_guard import guard, unguard
 from .sites import Site, resolve_site
 from .watch import ForwardWatch, attention_mask_index
 
@@ -94,10 +95,12 @@ class Fusion:
             except BaseException:
                 self.remove()
                 raise
+            guard(self)
         return self
 
     def remove(self) -> None:
         """Detach the fusion, leaving the model as it was; calling it again does nothing."""
+        unguard(self)
         detach, self._detach = self._detach, None
         if detach is not None:
             detach()

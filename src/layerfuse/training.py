@@ -1,5 +1,9 @@
 """`train`: fit a learned fusion's parameters with the model frozen (its weights stay bitwise the same).
 
+A short call over `layerfuse.FusionTrainer`, the Hugging Face Trainer (needs `layerfuse[train]`), for
+batches made by hand; use `FusionTrainer` itself for schedules, accumulation, mixed precision,
+evaluation, checkpoints or several devices.
+
 >>> import torch
 >>> from layerfuse import fuse, train
 >>> from transformers import BertConfig, BertModel
@@ -13,15 +17,29 @@
 
 from __future__ import annotations
 
+import math
+import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
-from .errors import ArgumentValueError, positive_int
+from .errors import ArgumentTypeError, ArgumentValueError, positive_int
 from .fusion import Fusion
 
 Batch = tuple[dict[str, torch.Tensor], "torch.Tensor | None", Any]
+
+
+def trainable_parameters(fusion: Fusion) -> list[nn.Parameter]:
+    """The fusion's parameters that training changes; an error if it has none."""
+    parameters = [p for p in fusion.method.parameters() if p.requires_grad]
+    if not parameters:
+        raise ArgumentValueError(
+            f"the {fusion.method.method_name or type(fusion.method).__name__} fusion has no parameters "
+            "to train: use a learned method such as film, gate, concat or cross_attention"
+        )
+    return parameters
 
 
 def train(
@@ -32,38 +50,45 @@ def train(
     epochs: int = 1,
     lr: float = 1e-2,
 ) -> list[float]:
-    """Train `fusion.method`'s parameters with Adam; return the loss of every step.
+    """Train `fusion.method`'s parameters with Adam at the constant rate `lr`; return the loss of every step.
 
     `batches` yields `(inputs, info, target)`: `model(**inputs)` is run with `info` set on the fusion
-    (None keeps the current info) and `loss(outputs, target)` is minimised. It must be re-iterable
-    for several epochs. The model's parameters are frozen during training and restored after.
+    (None keeps the current info) and `loss(outputs, target)` is minimised. It is read once and run in
+    its order every epoch. The model's parameters are frozen during training and restored after. As
+    every Trainer does, it seeds Python's, NumPy's and torch's generators (with 42).
     """
-    parameters = [p for p in fusion.method.parameters() if p.requires_grad]
-    if not parameters:
-        raise ArgumentValueError(
-            f"the {fusion.method.method_name or type(fusion.method).__name__} fusion has no parameters "
-            "to train: use a learned method such as film, gate, concat or cross_attention"
-        )
     positive_int("epochs", epochs)
-    model = fusion.model
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    losses = []
-    try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        fusion.method.train()
-        for _ in range(epochs):
-            for inputs, info, target in batches:
-                if info is not None:
-                    fusion.set_info(info)
-                optimizer.zero_grad()
-                value = loss(model(**inputs), target)
-                value.backward()
-                optimizer.step()
-                losses.append(float(value.detach()))
-    finally:
-        fusion.method.eval()
-        for p, requires_grad in frozen:
-            p.requires_grad_(requires_grad)
-    return losses
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ArgumentTypeError(f"lr must be a positive number, got {type(lr).__name__} {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ArgumentValueError(f"lr must be a positive finite number, got {lr}")
+    trainable_parameters(fusion)
+    from transformers import TrainingArguments
+
+    from .trainer import BatchesTrainer
+
+    steps = [
+        {**inputs, **({} if info is None else {"info": info}), "target": target} for inputs, info, target in batches
+    ]
+    weight = next(fusion.model.parameters(), None)
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(
+            folder,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=1,
+            learning_rate=lr,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            optim="adamw_torch",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=weight is None or weight.device.type == "cpu",
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        trainer = BatchesTrainer(fusion, args, steps, loss)
+        trainer.train()
+    return trainer.losses

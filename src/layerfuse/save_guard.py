@@ -1,0 +1,99 @@
+"""`SaveGuard`: while fusions are attached to a model, its `save_pretrained` warns that they are not saved.
+
+`model.save_pretrained(folder)` writes the model's own weights only; a fusion is saved beside them
+with `fusion.save(folder)` (or by `layerfuse.FusionTrainer`'s checkpoints). The guard is put on the
+instance while a fusion is attached, as `watch.py` puts the model's forward, and taken off when the
+last one is removed, leaving the model's `__dict__` as it was.
+
+>>> import torch
+>>> from transformers import BertConfig, BertModel
+>>> from layerfuse import fuse
+>>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+>>> with fuse(model, torch.ones(8), layer=1):
+...     "save_pretrained" in model.__dict__
+True
+>>> "save_pretrained" in model.__dict__
+False
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .errors import FusionStateError
+
+if TYPE_CHECKING:
+    from .fusion import Fusion
+
+_NONE = object()
+_KEY = "_layerfuse_save_guard"
+"""Where a model's `__dict__` keeps its `SaveGuard`; `_NONE` stands for "no save_pretrained on the instance"."""
+
+
+class SaveGuard:
+    """A model's `save_pretrained`, put in its place on the instance: it warns of the fusions it does not save."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.previous = model.__dict__.get("save_pretrained", _NONE)
+        inner = model.save_pretrained
+        functools.update_wrapper(self, inner)
+        self.inner = inner
+        self.model_name = type(model).__name__
+        self.fusions: list[Fusion] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fusions:
+            self._warn()
+        return self.inner(*args, **kwargs)
+
+    def _warn(self) -> None:
+        named = "; ".join(f"{fusion.method.method_name} at {fusion.site.name}" for fusion in self.fusions)
+        warnings.warn(
+            f"{self.model_name}.save_pretrained saves the model's own weights, without the attached fusion(s) "
+            f"{named}: save each beside them with fusion.save(folder) and load it back with "
+            "layerfuse.load_fusion(folder, model), or remove the fusion(s) before saving",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise FusionStateError(
+            "cannot pickle or deep-copy a model while a layerfuse fusion is attached to it: remove the fusion first "
+            "(fusion.remove(), or leave its with-block), or save model.state_dict() instead"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self.__reduce_ex__(4)
+
+
+def guard(fusion: Fusion) -> None:
+    """Make `fusion.model.save_pretrained` warn of `fusion` until `unguard`; a model without one is left alone."""
+    model = fusion.model
+    if not callable(getattr(model, "save_pretrained", None)):
+        return
+    current = model.__dict__.get(_KEY)
+    if current is None:
+        current = SaveGuard(model)
+        model.__dict__["save_pretrained"] = model.__dict__[_KEY] = current
+    current.fusions.append(fusion)
+
+
+def unguard(fusion: Fusion) -> None:
+    """Stop warning of `fusion`, restoring the model's `save_pretrained` once no fusion is left; idempotent."""
+    model = fusion.model
+    current = model.__dict__.get(_KEY)
+    if current is None or fusion not in current.fusions:
+        return
+    current.fusions.remove(fusion)
+    if current.fusions:
+        return
+    if model.__dict__.get("save_pretrained") is current:
+        if current.previous is _NONE:
+            del model.__dict__["save_pretrained"]
+        else:
+            model.__dict__["save_pretrained"] = current.previous
+    del model.__dict__[_KEY]
