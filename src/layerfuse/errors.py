@@ -33,7 +33,7 @@ class ArgumentTypeError(LayerfuseError, TypeError):
 
 
 class InfoTypeError(ArgumentTypeError):
-    """Info that is not a floating-point tensor."""
+    """Info that is not a dense floating-point tensor with data."""
 
 
 class InfoValueError(LayerfuseError, ValueError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 from .approaches import APPROACHES, Arguments, Detach
 from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
-from .info import Info
+from .info import Info, check_tensor
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
@@ -212,6 +213,19 @@ class Fusion:
         )
 
 
+def _first_weight(model: nn.Module) -> torch.Tensor | None:
+    """The model's first parameter, after refusing weights on "meta" that no accelerate hook loads at the forward."""
+    hooked = [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
+    for name, tensor in chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta and not any(not prefix or name.startswith(f"{prefix}.") for prefix in hooked):
+            raise ArgumentValueError(
+                f"the model's weights are on the meta device with nothing to load them ({name} has no data, as "
+                "under accelerate's init_empty_weights): load them first, e.g. with accelerate's "
+                "load_checkpoint_and_dispatch, or model.to_empty(device=...) and load_state_dict"
+            )
+    return next(model.parameters(), None)
+
+
 def prepare_fusion(
     model: nn.Module, info: torch.Tensor | None, config: FusionConfig, *, method: Method | None = None
 ) -> Fusion:
@@ -223,6 +237,8 @@ def prepare_fusion(
     model = transformer_of(model)
     where = resolve_site(model, layer=config.layer, site=config.site)
     hidden_size = model.config.hidden_size
+    if isinstance(info, torch.Tensor):
+        check_tensor(info, "info")
     info_size = info.shape[-1] if isinstance(info, torch.Tensor) and info.ndim else None
     fusion_method = method or make_method(config.method, config.arguments, hidden_size=hidden_size, info_size=info_size)
     fusion_info = Info(
@@ -231,10 +247,13 @@ def prepare_fusion(
     fusion_positions = Positions(config.positions)
     if fusion_positions.needs_attention_mask:
         attention_mask_index(model)
-    weight = next(model.parameters(), None)
+    weight = _first_weight(model)
+    fusion_method.check_dtype(weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
     if weight is not None:
-        fusion_method.to(device=weight.device, dtype=weight.dtype)
-        fusion_info.to(weight.dtype, weight.device)
+        # Weights offloaded by accelerate are on "meta" until its hooks move them in: the forward moves the info.
+        device = None if weight.is_meta else weight.device
+        fusion_method.to(device=device, dtype=weight.dtype)
+        fusion_info.to(weight.dtype, device)
     return Fusion(model, where, fusion_method, fusion_info, config.approach, fusion_positions)
 
 

@@ -90,8 +90,40 @@ def example_info(layout: str, size: int, *, seed: int) -> torch.Tensor | None:
     return None if shape is None else torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _check_finite(info: torch.Tensor) -> None:
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes info may have: those of hidden states."""
+
+
+def check_tensor(tensor: object, what: str, error: type[Exception] = InfoTypeError) -> torch.Tensor:
+    """`tensor` if it is a dense torch.Tensor with data (not meta, sparse or nested); else `error` saying so.
+
+    >>> check_tensor(torch.ones(2, device="meta"), "info")
+    Traceback (most recent call last):
+    ...
+    layerfuse.errors.InfoTypeError: info must be a dense tensor with data, got a meta tensor (shape and dtype only): pass one with values, e.g. on "cpu"
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise error(f"{what} must be a torch.Tensor, got {type(tensor).__name__}: use torch.as_tensor(...)")
+    if tensor.is_meta:
+        raise error(
+            f"{what} must be a dense tensor with data, got a meta tensor (shape and dtype only): "
+            'pass one with values, e.g. on "cpu"'
+        )
+    if tensor.layout is not torch.strided or tensor.is_nested:
+        layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise error(f"{what} must be a dense tensor, got a {layout} tensor: use .to_dense()")
+    return tensor
+
+
+def _check_finite(info: torch.Tensor, source: torch.dtype | None = None) -> None:
+    """Refuse non-finite info; `source`: the dtype it was cast from, whose range it may not hold."""
     bad = int((~torch.isfinite(info)).sum())
+    if bad and source is not None:
+        largest = torch.finfo(info.dtype).max
+        raise InfoValueError(
+            f"{bad} value(s) of the {source} info overflow the model's dtype {info.dtype}, whose largest finite "
+            f"value is {largest:.4g}: scale the info into that range"
+        )
     if bad:
         raise InfoValueError(
             f"info holds {bad} NaN or infinite value(s) in dtype {info.dtype}: every value must be finite"
@@ -117,10 +149,12 @@ class Info:
                 raise InfoShapeError("this method takes no info: pass info=None")
             self.source = self.tensor = None
             return
-        if not isinstance(info, torch.Tensor):
-            raise InfoTypeError(f"info must be a torch.Tensor, got {type(info).__name__}: use torch.as_tensor(info)")
-        if not info.is_floating_point():
-            raise InfoTypeError(f"info must be a floating-point tensor, got dtype {info.dtype}: use info.float()")
+        check_tensor(info, "info")
+        if info.dtype not in FLOATS:
+            raise InfoTypeError(
+                f"info must be a floating-point tensor of dtype float16, bfloat16, float32 or float64, "
+                f"got {info.dtype}: use info.float()"
+            )
         shapes = LAYOUTS[layout]
         shapes.check(tuple(info.shape), size)
         _check_finite(info)
@@ -134,11 +168,18 @@ class Info:
     def _shaped(self, info: torch.Tensor) -> torch.Tensor:
         return LAYOUTS[self.layout].broadcastable(self.prepare(info))
 
-    def to(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Cast and prepare the info for `dtype` on `device` (a no-op when it is there already)."""
-        if self.source is not None and (self.tensor.dtype != dtype or self.tensor.device != device):
+    def to(self, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        """Cast and prepare the info for `dtype` on `device` (None: where it is); a no-op when it is there already.
+
+        A cast to another dtype is checked for overflow; a move to another device keeps the values.
+        """
+        if self.source is None:
+            return
+        device = self.tensor.device if device is None else device
+        if self.tensor.dtype != dtype or self.tensor.device != device:
             cast = self.source.to(device=device, dtype=dtype)
-            _check_finite(cast)
+            if dtype != self.source.dtype:
+                _check_finite(cast, self.source.dtype)
             self.tensor = self._shaped(cast)
 
     def for_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -176,9 +217,11 @@ def read_info(path: str | os.PathLike[str]) -> torch.Tensor:
         raise FileFormatError(f"cannot read info from {path.name}: use a {', '.join(_READERS)} file")
     if not path.is_file():
         raise FileFormatError(f"no info file at {path}")
+    if path.stat().st_size == 0:
+        raise FileFormatError(f"cannot read info from {path}: the file is empty")
     try:
         found = _READERS[path.suffix](path)
-    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
+    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
         raise FileFormatError(f"cannot read info from {path}: {error}") from error
     tensor = next(iter(found.values())) if len(found) == 1 else found.get("info")
     if not isinstance(tensor, torch.Tensor):

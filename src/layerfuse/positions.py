@@ -2,13 +2,14 @@
 
 "tokens", "first" and "last" read the attention mask of the current forward of the fused model (with
 a forward pre-hook on it, whichever the approach); a forward without one treats every position as a
-real token. Positions not selected keep their exact
-values, so with "tokens" padding is never changed.
+real token. Positions not selected keep their exact values, so with "tokens" padding is never
+changed, and "first" and "last" change nothing in a row that is all padding.
 
 >>> import torch
->>> Positions("last").select(torch.zeros(2, 4, 8), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])).squeeze(-1)
+>>> Positions("last").select(torch.zeros(3, 4, 8), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])).squeeze(-1)
 tensor([[False,  True, False, False],
-        [False, False, False,  True]])
+        [False, False, False,  True],
+        [False, False, False, False]])
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import ArgumentTypeError, ArgumentValueError, InfoShapeError
+from .info import check_tensor
 
 PositionsLike = str | Sequence[int] | torch.Tensor
 NAMED = ("all", "tokens", "first", "last")
@@ -37,6 +39,7 @@ class Positions:
                     "a list of token indices, or a boolean (B, T) mask"
                 )
         elif isinstance(positions, torch.Tensor):
+            check_tensor(positions, "a positions mask", ArgumentTypeError)
             if positions.dtype != torch.bool or positions.ndim != 2:
                 raise ArgumentTypeError(
                     f"a positions tensor must be a boolean (B, T) mask, got {positions.dtype} "
@@ -74,7 +77,9 @@ class Positions:
                 raise InfoShapeError(
                     f"the positions mask is {tuple(self.mask.shape)} but this forward is ({batch}, {length})"
                 )
-            return self.mask.to(hidden.device).unsqueeze(-1)
+            if self.mask.device != hidden.device:
+                self.mask = self.mask.to(hidden.device)
+            return self.mask.unsqueeze(-1)
         if self.indices is not None:
             bad = [i for i in self.indices if not -length <= i < length]
             if bad:
@@ -90,7 +95,8 @@ class Positions:
             index = real.int().argmax(dim=1)
         else:
             index = length - 1 - real.flip(1).int().argmax(dim=1)
-        return (columns[None, :] == index[:, None]).unsqueeze(-1)
+        # A row of padding only has no first or last real token: `& real` leaves it unchanged.
+        return ((columns[None, :] == index[:, None]) & real).unsqueeze(-1)
 
     @staticmethod
     def _real(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:

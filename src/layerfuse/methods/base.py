@@ -56,6 +56,22 @@ class Method(nn.Module):
         """The constructor arguments that rebuild this method (JSON-ready)."""
         return {}
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse a numeric argument that hidden states of `dtype` cannot hold (beyond its largest finite value).
+
+        >>> make_method("add", {"alpha": 1e5}).check_dtype(torch.float16)
+        Traceback (most recent call last):
+        ...
+        layerfuse.errors.ArgumentValueError: alpha=1e+05 overflows the dtype the fusion runs in, torch.float16, whose largest finite value is 6.55e+04: use a value within ±6.55e+04
+        """
+        largest = torch.finfo(dtype).max
+        for key, value in self.arguments().items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > largest:
+                raise ArgumentValueError(
+                    f"{key}={value:.4g} overflows the dtype the fusion runs in, {dtype}, whose largest finite "
+                    f"value is {largest:.3g}: use a value within ±{largest:.3g}"
+                )
+
     def forward(self, hidden: torch.Tensor, info: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 

@@ -20,9 +20,13 @@ def finite(name: str, value: Any) -> float:
     """`value` as a float, if it is a finite real number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ArgumentValueError(f"{name} must be finite, got an int beyond the float range (±1.8e308)") from None
+    if not math.isfinite(number):
         raise ArgumentValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return number
 
 
 def scalar(value: float) -> torch.Tensor:
