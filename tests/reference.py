@@ -132,7 +132,8 @@ def chosen_positions(positions, attention_mask: torch.Tensor) -> torch.Tensor:
     chosen = torch.zeros(batch, length, dtype=torch.bool)
     for row in range(batch):
         indices = [t for t in range(length) if real[row, t]]
-        chosen[row, indices[0] if positions == "first" else indices[-1]] = True
+        if indices:  # a row of padding has no first or last token
+            chosen[row, indices[0] if positions == "first" else indices[-1]] = True
     return chosen
 
 
