@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import layerfuse
 from architectures import build
@@ -130,3 +131,82 @@ def test_per_token_info_is_refused_by_a_decoder_only_generate():
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)  # one forward of those tokens takes it
     assert_unchanged(model, before)
+
+
+def encoder_decoder(name: str):
+    """A tiny BART or T5, and the module names of one encoder block and one decoder block."""
+    torch.manual_seed(0)
+    if name == "bart":
+        config = transformers.BartConfig(
+            vocab_size=99,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+        )
+        return (
+            transformers.BartForConditionalGeneration(config).eval(),
+            "model.encoder.layers.1",
+            "model.decoder.layers.0",
+        )
+    config = transformers.T5Config(
+        vocab_size=99,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return transformers.T5ForConditionalGeneration(config).eval(), "encoder.block.1", "decoder.block.0"
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_encoder_decoders_expand_the_info_for_the_decoder(name, stack):
+    """generate runs the encoder on the B prompts, then the decoder on B·n rows: either stack's fusion fits."""
+    model, encoder_site, decoder_site = encoder_decoder(name)
+    site = encoder_site if stack == "encoder" else decoder_site
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])  # an encoder pads on the right
+    info = info_rows()
+    mode = MODES["beam-4-returning-2"]
+    expected = []
+    for prompt, row in zip(PROMPTS, info):
+        with layerfuse.fuse(model, row, site=site):
+            expected.append(generate(model, torch.tensor([prompt]), None, **mode))
+    before = snapshot(model)
+    with layerfuse.fuse(model, info, site=site):
+        batched = generate(model, ids, (ids != 0).long(), **mode)
+    assert_unchanged(model, before)
+    assert torch.equal(batched, torch.cat(expected))
+    with layerfuse.fuse(model, info[[1, 2, 0]], site=site):
+        assert not torch.equal(generate(model, ids, (ids != 0).long(), **mode), batched)
+
+
+def test_per_token_info_fuses_the_encoder_of_an_encoder_decoder():
+    """The encoder runs once, on the prompts' tokens: per-token info fits it, with beams too."""
+    model, site, _ = encoder_decoder("bart")
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
+    info = 4.0 * torch.randn(len(PROMPTS), width, 32, generator=torch.Generator().manual_seed(4))
+    mode = MODES["beam-4-returning-2"]
+    expected = []
+    for i, prompt in enumerate(PROMPTS):
+        with layerfuse.fuse(model, info[i : i + 1, : len(prompt)], site=site):
+            expected.append(generate(model, torch.tensor([prompt]), None, **mode))
+    with layerfuse.fuse(model, info, site=site):
+        fused = generate(model, ids, (ids != 0).long(), **mode)
+    assert torch.equal(fused, torch.cat(expected))
+    assert not torch.equal(fused, generate(model, ids, (ids != 0).long(), **mode))

@@ -5,8 +5,10 @@ the two, as n contiguous rows (`repeat_interleave`): prompt i's rows are i·n ..
 search reorders beams only within them. While a fusion with per-example info is attached, the
 model's `generate` is wrapped on the instance: when `generate` expands its inputs, the info's rows
 are expanded the same way, and the info is put back when the call ends, also on an error. Info
-already given one row per run (B·n rows) is used as it is. Per-token info covers the T tokens of one
-forward, and a decoder-only model's `generate` runs more forwards, of new tokens: it is refused there.
+already given one row per run (B·n rows) is used as it is. An encoder-decoder runs its encoder on
+the B prompts before the expansion and its decoder on the B·n rows after it, so a fusion at either
+gets the rows it needs. Per-token info covers the T tokens of one forward, and a decoder-only
+model's `generate` runs more forwards, of new tokens: it is refused there.
 
 >>> import torch, layerfuse
 >>> from transformers import GPT2Config, GPT2LMHeadModel
