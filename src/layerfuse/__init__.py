@@ -48,6 +48,7 @@ from .models import load_model
 from .saving import load_config, load_fusion
 from .sweep import sweep
 from .training import train
+from .words import WordInfo, word_info
 
 
 def __getattr__(name: str) -> object:
@@ -91,6 +92,7 @@ __all__ = [
     "Replace",
     "Scale",
     "UnknownNameError",
+    "WordInfo",
     "compare",
     "encode",
     "fuse",
@@ -101,4 +103,5 @@ __all__ = [
     "register_method",
     "sweep",
     "train",
+    "word_info",
 ]

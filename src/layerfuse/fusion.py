@@ -27,6 +27,7 @@ from torch import nn
 from .approaches import APPROACHES, Arguments, Detach
 from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
+from .generation import watch_generate
 from .info import Info, check_tensor
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
@@ -56,6 +57,7 @@ class Fusion:
         self.approach = approach
         self.positions = positions
         self._watch: ForwardWatch | None = None
+        self._generate: Detach | None = None
         self._detach: Detach | None = None
 
     @property
@@ -108,6 +110,9 @@ class Fusion:
         if self._watch is not None:
             self._watch.remove()
             self._watch = None
+        if self._generate is not None:
+            self._generate()
+            self._generate = None
 
     def set_info(self, info: torch.Tensor | None) -> None:
         """Replace the info, checked as `fuse` checks it (e.g. a new batch's per-example info)."""
@@ -136,10 +141,13 @@ class Fusion:
             self._watch.in_order -= 1
 
     def _watch_if_needed(self) -> None:
-        """Watch the model's forwards if the fusion needs to know them: their mask, calls or examples' order."""
+        """Watch the model's forwards if the fusion needs to know them: their mask, calls or examples' order;
+        and, for per-example info, its `generate`, which repeats the examples."""
         needed = self.positions.needs_attention_mask or self.site.call is not None or self.info.batch_size is not None
         if needed and self._watch is None:
             self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
+        if self.info.batch_size is not None and self._generate is None:
+            self._generate = watch_generate(self.model, self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back."""
