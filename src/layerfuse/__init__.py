@@ -22,11 +22,13 @@ from .errors import (
     LayerfuseError,
     LayerIndexError,
     MeasurementError,
+    MergeError,
     ModelNotFoundError,
     UnknownNameError,
 )
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
 from .lab.compare import Comparison, compare
+from .merging import Merged, merge
 from .methods import (
     METHODS,
     Ablate,
@@ -74,6 +76,8 @@ __all__ = [
     "LayerIndexError",
     "LayerfuseError",
     "MeasurementError",
+    "MergeError",
+    "Merged",
     "Method",
     "ModelNotFoundError",
     "Multiplication",
@@ -88,6 +92,7 @@ __all__ = [
     "load_config",
     "load_fusion",
     "load_model",
+    "merge",
     "register_method",
     "sweep",
     "train",

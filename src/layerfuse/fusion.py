@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from .outputs import split_output
 from .positions import Positions, PositionsLike
 from .sites import Site, resolve_site
 from .watch import ForwardWatch, attention_mask_index
+
+if TYPE_CHECKING:
+    from .merging import Merged
 
 ForwardState = tuple[bool, "torch.Tensor | None"]
 
@@ -135,6 +138,15 @@ class Fusion:
         needed = self.positions.needs_attention_mask or self.site.call is not None or self.info.batch_size is not None
         if needed and self._watch is None:
             self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
+
+    def merge(self) -> Merged:
+        """Fold the fusion into the model's parameters and detach it; `unmerge()` of the result restores them.
+
+        See `layerfuse.merge` for what merges where.
+        """
+        from .merging import merge_fusion
+
+        return merge_fusion(self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back."""
