@@ -3,6 +3,10 @@ refusals before anything changes."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -244,3 +248,91 @@ def test_embedded_model_merges_within_1e_5_at_every_mergeable_site(minilm, metho
             hooked = states(model, batch)
         with layerfuse.merge(model, info, config):
             assert_close(states(model, batch), hooked, rtol=1e-5, where=batch["attention_mask"].bool())
+
+
+PLAIN_LOAD = """
+import json, sys, torch
+from transformers import AutoModel
+folder, inputs, outputs = sys.argv[1:4]
+model = AutoModel.from_pretrained(folder).eval()
+batch = torch.load(inputs)
+with torch.no_grad():
+    result = {"hidden_states": model(**batch, output_hidden_states=True).hidden_states}
+if len(sys.argv) > 4:
+    from sentence_transformers import SentenceTransformer
+    result["embeddings"] = SentenceTransformer(folder, device="cpu").encode(json.loads(sys.argv[4]), convert_to_tensor=True)
+assert "layerfuse" not in sys.modules, "the exported folder needed layerfuse"
+torch.save(result, outputs)
+"""
+
+
+def load_without_layerfuse(folder, batch, tmp_path, texts=None) -> dict:
+    """What a fresh process that never imports layerfuse computes from the folder: hidden states (and ST embeddings)."""
+    torch.save(batch, tmp_path / "inputs.pt")
+    command = [sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    subprocess.run(command + ([json.dumps(texts)] if texts else []), check=True, cwd=tmp_path)
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_a_saved_merged_model_loads_with_plain_transformers_and_gives_the_fused_outputs(tiny, batch, tmp_path):
+    configs = [(config_for("addition", 1, "output"), torch.randn(H)), (config_for("clamp", 2, "mlp"), torch.randn(H))]
+    with layerfuse.fuse_many(tiny, configs):
+        hooked = states(tiny, batch)
+    before = snapshot(tiny)
+    with pytest.raises(FusionStateError, match="no fusion is merged"):
+        layerfuse.save_merged(tiny, tmp_path / "nothing")
+    with (
+        layerfuse.fuse(tiny, torch.randn(H), layer=1),
+        pytest.raises(FusionStateError, match="by hook or custom layer"),
+    ):
+        layerfuse.save_merged(tiny, tmp_path / "attached")
+    handles = [layerfuse.merge(tiny, info, config) for config, info in configs]
+    folder = layerfuse.save_merged(tiny, tmp_path / "merged")
+    for handle in reversed(handles):
+        handle.unmerge()
+    assert_unchanged(tiny, before)
+    assert (folder / "model.safetensors").is_file()
+    recorded = json.loads((folder / "config.json").read_text())["layerfuse"]["merged"]
+    assert [FusionConfig.from_dict(entry) for entry in recorded] == [config for config, _ in configs]
+    assert_close(load_without_layerfuse(folder, batch, tmp_path)["hidden_states"], hooked)
+
+
+def test_the_merge_command_exports_a_sentence_transformers_folder(minilm, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from layerfuse.cli.main import main
+
+    model, tokenizer = minilm
+    steer = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    texts = ["a short text", "a longer text, so that the batch is padded"]
+    with layerfuse.fuse(model, steer, layer=3, site="attention", method="addition", alpha=0.5) as fusion:
+        fusion.save(tmp_path / "fusion")
+    assert main(["merge", "--fusion", str(tmp_path / "fusion"), "--output", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "1_Pooling" / "config.json").is_file()
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    st = SentenceTransformer(layerfuse.models.embedded_model_path(), device="cpu")
+    batch = dict(tokenizer(texts, return_tensors="pt", padding=True))
+    with layerfuse.fuse(st[0].auto_model, steer, layer=3, site="attention", method="addition", alpha=0.5):
+        expected = st.encode(texts, convert_to_tensor=True)
+        with torch.no_grad():
+            hooked = st[0].auto_model(**batch, output_hidden_states=True).hidden_states
+    loaded = load_without_layerfuse(tmp_path / "merged", batch, tmp_path, texts)
+    real = batch["attention_mask"].bool()
+    assert_close(loaded["hidden_states"], hooked, rtol=1e-5, where=real)
+    torch.testing.assert_close(loaded["embeddings"], expected, rtol=0, atol=1e-5)
+
+
+def test_the_merge_command_refuses_with_exit_code_2_and_writes_nothing(minilm, tmp_path, capsys):
+    from layerfuse.cli.main import main
+
+    model, _ = minilm
+    with layerfuse.fuse(model, torch.randn(model.config.hidden_size), layer=2, method="ablate") as fusion:
+        fusion.save(tmp_path / "ablate")
+    assert main(["merge", "--fusion", str(tmp_path / "ablate"), "--output", str(tmp_path / "out")]) == 2
+    assert "cannot merge the ablate fusion: it mixes the hidden dimensions" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ablate"]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["merge", "--fusion", str(tmp_path / "ablate"), "--output", str(tmp_path / "taken")]) == 2
+    assert "is not an empty folder" in capsys.readouterr().err

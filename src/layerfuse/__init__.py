@@ -26,6 +26,7 @@ from .errors import (
     ModelNotFoundError,
     UnknownNameError,
 )
+from .exporting import export_merged, save_merged
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
 from .lab.compare import Comparison, compare
 from .merging import Merged, merge
@@ -87,6 +88,7 @@ __all__ = [
     "UnknownNameError",
     "compare",
     "encode",
+    "export_merged",
     "fuse",
     "fuse_many",
     "load_config",
@@ -94,6 +96,7 @@ __all__ = [
     "load_model",
     "merge",
     "register_method",
+    "save_merged",
     "sweep",
     "train",
 ]
