@@ -202,8 +202,8 @@ def producer_of(model: nn.Module, config: FusionConfig) -> nn.Module:
 
     >>> from transformers import BertConfig, BertModel
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
-    >>> producer_of(model, FusionConfig(layer=2))
-    LayerNorm((32,), eps=1e-12, elementwise_affine=True)
+    >>> producer_of(model, FusionConfig(layer=2)) is model.encoder.layer[1].output.LayerNorm
+    True
     """
     site = resolve_site(model, layer=config.layer, site=config.site)
     return _producer(model, site, config.method)
