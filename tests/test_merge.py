@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -336,3 +337,44 @@ def test_the_merge_command_refuses_with_exit_code_2_and_writes_nothing(minilm, t
     (tmp_path / "taken" / "file").write_text("x")
     assert main(["merge", "--fusion", str(tmp_path / "ablate"), "--output", str(tmp_path / "taken")]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
+
+
+class LastHiddenState(torch.nn.Module):
+    """The model called by keywords, for an exporter that passes inputs by position."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def run_in_onnx_runtime(model, batch, path) -> torch.Tensor:
+    onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it keeps as constants
+        torch.onnx.export(
+            LastHiddenState(model), inputs, path, input_names=["input_ids", "attention_mask"], dynamo=False
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+@pytest.mark.parametrize("where", ["merged", "hook", "layer"])
+def test_onnx_runtime_gives_the_fused_outputs_merged_and_unmerged(batch, tmp_path, where):
+    model = tiny_bert(attn_implementation="eager")
+    config, info = config_for("clamp", 2, "mlp"), info_for("clamp")
+    with layerfuse.fuse(model, info, config), torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    fused = (
+        layerfuse.merge(model, info, config)
+        if where == "merged"
+        else layerfuse.fuse(model, info, config.replace(approach=where))
+    )
+    with fused:
+        got = run_in_onnx_runtime(model, batch, tmp_path / "model.onnx")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
