@@ -90,7 +90,9 @@ _MERGED: weakref.WeakKeyDictionary[nn.Module, list[Merged]] = weakref.WeakKeyDic
 class Merged:
     """A fusion folded into a model's parameters; `unmerge()` restores them bitwise. A context manager."""
 
-    def __init__(self, model: nn.Module, config: FusionConfig, originals: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, config: FusionConfig, originals: dict[str, tuple[nn.Parameter, torch.Tensor]]
+    ) -> None:
         self.model = model
         self.config = config
         self._originals = originals
@@ -120,10 +122,9 @@ class Merged:
                 f"cannot unmerge this fusion while a later merge also changed {', '.join(sorted(set(shared)))}: "
                 "unmerge the later merges first (last merged, first unmerged)"
             )
-        parameters = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, original in self._originals.items():
-                parameters[name].copy_(original)
+            for parameter, original in self._originals.values():
+                parameter.copy_(original)
         stack.remove(self)
 
     def __enter__(self) -> Merged:
@@ -267,7 +268,7 @@ def merge_fusion(fusion: Fusion) -> Merged:
             raise _refuse(_name(fusion.method), f"the merged {full_name} overflows {parameter.dtype}; {INSTEAD}")
         plan[full_name] = (parameter, cast)
     fusion.remove()
-    originals = {name: parameter.detach().clone() for name, (parameter, _) in plan.items()}
+    originals = {name: (parameter, parameter.detach().clone()) for name, (parameter, _) in plan.items()}
     with torch.no_grad():
         for parameter, value in plan.values():
             parameter.copy_(value)
