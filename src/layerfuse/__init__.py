@@ -22,11 +22,14 @@ from .errors import (
     LayerfuseError,
     LayerIndexError,
     MeasurementError,
+    MergeError,
     ModelNotFoundError,
     UnknownNameError,
 )
+from .exporting import export_merged, save_merged
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
 from .lab.compare import Comparison, compare
+from .merging import Merged, merge
 from .methods import (
     METHODS,
     Ablate,
@@ -85,6 +88,8 @@ __all__ = [
     "LayerIndexError",
     "LayerfuseError",
     "MeasurementError",
+    "MergeError",
+    "Merged",
     "Method",
     "ModelNotFoundError",
     "Multiplication",
@@ -95,12 +100,15 @@ __all__ = [
     "WordInfo",
     "compare",
     "encode",
+    "export_merged",
     "fuse",
     "fuse_many",
     "load_config",
     "load_fusion",
     "load_model",
+    "merge",
     "register_method",
+    "save_merged",
     "sweep",
     "train",
     "word_info",

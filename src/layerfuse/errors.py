@@ -56,6 +56,10 @@ class FusionStateError(LayerfuseError, RuntimeError):
     """An operation that the current state of a fusion does not allow."""
 
 
+class MergeError(LayerfuseError, ValueError):
+    """A fusion that cannot be folded into the model's weights: not one affine map for all, or no parameter to take it."""
+
+
 class MeasurementError(LayerfuseError, RuntimeError):
     """A measurement that failed or cannot be trusted, such as a compiled forward that differs from the eager one."""
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from .positions import Positions, PositionsLike
 from .save_guard import guard, unguard
 from .sites import Site, resolve_site
 from .watch import ForwardWatch, attention_mask_index
+
+if TYPE_CHECKING:
+    from .merging import Merged
 
 ForwardState = tuple[bool, "torch.Tensor | None"]
 
@@ -148,6 +151,15 @@ class Fusion:
             self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
         if self.info.batch_size is not None and self._generate is None:
             self._generate = watch_generate(self.model, self)
+
+    def merge(self) -> Merged:
+        """Fold the fusion into the model's parameters and detach it; `unmerge()` of the result restores them.
+
+        See `layerfuse.merge` for what merges where.
+        """
+        from .merging import merge_fusion
+
+        return merge_fusion(self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back."""

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from transformers.utils import logging as transformers_logging
 
 from ..errors import LayerfuseError
-from . import bench, compare, inspect_model, methods, run, sweep
+from . import bench, compare, inspect_model, merge, methods, run, sweep
 
-COMMANDS = (methods, inspect_model, compare, run, bench, sweep)
+COMMANDS = (methods, inspect_model, compare, run, bench, sweep, merge)
 
 
 def parser() -> argparse.ArgumentParser:
