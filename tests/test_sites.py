@@ -117,7 +117,9 @@ def test_bad_sites_get_clear_errors_and_touch_nothing(tiny, case):
 def test_positions_that_need_the_attention_mask_refuse_a_model_without_one():
     model = TwoStacks()
     before = snapshot(model)
-    with pytest.raises(layerfuse.ArchitectureError, match="forward takes none: give token indices or a boolean mask"):
+    with pytest.raises(
+        layerfuse.ArchitectureError, match="forward takes no attention_mask: give token indices or a boolean mask"
+    ):
         layerfuse.fuse_many(
             model,
             [

@@ -46,6 +46,7 @@ from .methods import (
 )
 from .models import load_model
 from .saving import load_config, load_fusion
+from .sites import ModelSites, StackSites, inspect
 from .sweep import sweep
 from .training import train
 
@@ -76,15 +77,18 @@ __all__ = [
     "MeasurementError",
     "Method",
     "ModelNotFoundError",
+    "ModelSites",
     "Multiplication",
     "Project",
     "Replace",
     "Scale",
+    "StackSites",
     "UnknownNameError",
     "compare",
     "encode",
     "fuse",
     "fuse_many",
+    "inspect",
     "load_config",
     "load_fusion",
     "load_model",
