@@ -438,12 +438,11 @@ class ModelSites:
         for stack in self.stacks:
             first, last = stack.blocks[0].name, stack.blocks[-1].name
             blocks = f"1 block: {first}" if len(stack.blocks) == 1 else f"{len(stack.blocks)} blocks: {first} .. {last}"
-            lines += [
-                "",
-                blocks
-                if stack.name is None
-                else f"stack={stack.name!r}: {blocks}, layer k is {stack.name}_hidden_states[k]",
-            ]
+            if stack.name is not None:
+                blocks = f"stack={stack.name!r}: {blocks}"
+            if len(self.stacks) > 1:
+                blocks += f", layer k is {stack.name}_hidden_states[k]"
+            lines += ["", blocks]
             rows = [
                 {"layer": str(k), **{kind: _cell(layer[kind]) for kind in KINDS}}
                 for k, layer in enumerate(stack.layers)
