@@ -74,7 +74,9 @@ LAYOUTS: dict[str, Layout] = {
     "gpt2": Layout(blocks="h", attention="attn", mlp="mlp", final_norm="ln_f", embeddings=("drop",)),
     "mpnet": replace(_BERT, attention="attention.attn"),
     "esm": replace(_BERT, final_norm="encoder.emb_layer_norm_after"),
-    "gpt_neox": Layout(blocks="layers", attention="attention", mlp="mlp", final_norm="final_layer_norm"),
+    "gpt_neox": Layout(
+        blocks="layers", attention="attention", mlp="mlp", final_norm="final_layer_norm", embeddings=("emb_dropout",)
+    ),
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
@@ -325,15 +327,16 @@ def _named_module(model: nn.Module, site: str) -> Site:
 
 
 def _stack_of(model: nn.Module, module: nn.Module) -> dict[str, str | None]:
-    """The stack that holds `module`, and the argument of the model's forward with the mask of its positions."""
+    """The one stack that holds `module`, and the argument of the model's forward with the mask of its positions
+    (None: a model of several stacks, and the module is in none or several of them)."""
     named = stacks(model)
     if not named:
         return {"stack": None, "attention_mask": "attention_mask"}
     layouts = STACKED_LAYOUTS[model.config.model_type]
-    for name in named:
-        root = _base(model).get_submodule(layouts[name].blocks.rpartition(".")[0])
-        if any(inner is module for inner in root.modules()):
-            return {"stack": name, "attention_mask": layouts[name].attention_mask}
+    roots = {name: _base(model).get_submodule(layouts[name].blocks.rpartition(".")[0]) for name in named}
+    inside = [name for name, root in roots.items() if any(inner is module for inner in root.modules())]
+    if len(inside) == 1:  # a module of one stack only (the embeddings may be shared by both)
+        return {"stack": inside[0], "attention_mask": layouts[inside[0]].attention_mask}
     return {"stack": None, "attention_mask": layouts[named[0]].attention_mask if len(named) == 1 else None}
 
 

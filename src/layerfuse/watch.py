@@ -32,12 +32,12 @@ from .errors import ArchitectureError, FusionStateError
 def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") -> int:
     """Where `model.forward` takes the mask `name` (`decoder_attention_mask` for a decoder stack) among its positional arguments.
 
-    `name` None: the site is in none of the model's stacks, so no mask is known to be its own.
+    `name` None: the site is in none or several of the model's stacks, so no mask is known to be its own.
     """
     if name is None:
         raise ArchitectureError(
-            f"positions 'tokens', 'first' and 'last' read the attention mask, and the site is in none of the stacks "
-            f"of {type(model).__name__}, each with a mask of its own: give token indices or a boolean mask"
+            f"positions 'tokens', 'first' and 'last' read the attention mask, and the site is in none or both of the "
+            f"stacks of {type(model).__name__}, each with a mask of its own: give token indices or a boolean mask"
         )
     parameters = list(inspect.signature(model.forward).parameters)
     if name not in parameters:
