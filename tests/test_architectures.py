@@ -313,3 +313,16 @@ def test_a_single_stack_encoder_needs_no_stack():
                 got, _ = seq2seq_outputs(model, batch)
             assert torch.equal(got.last_hidden_state, want.last_hidden_state) and fusion.config.stack == "encoder"
     assert [stack.name for stack in layerfuse.inspect(model).stacks] == ["encoder"]
+
+
+def test_generate_runs_the_encoder_outside_the_models_forward_so_a_mask_reading_fusion_there_refuses():
+    model = build_encoder_decoder("t5", head=True)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    options = dict(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=2, do_sample=False)
+    options.update(decoder_start_token_id=0, pad_token_id=0)
+    with layerfuse.fuse(model, torch.ones(32), layer=1, stack="encoder", positions="tokens"):
+        with pytest.raises(layerfuse.FusionStateError, match="ran outside one"):
+            model.generate(**options)
+    plain = model.generate(**options)
+    with layerfuse.fuse(model, 3 * torch.ones(32), layer=1, stack="encoder"):
+        assert model.generate(**options).shape == plain.shape

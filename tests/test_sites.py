@@ -259,3 +259,13 @@ def test_a_module_that_returns_no_hidden_states_is_refused_at_its_forward():
         with layerfuse.fuse(model, torch.ones(8), site="1", approach=approach):
             with pytest.raises(layerfuse.ArchitectureError, match="cannot find the hidden states in a module output"):
                 model(torch.randn(2, 3, 8))
+
+
+def test_xlnet_layers_are_refused_since_its_hidden_states_are_tokens_first():
+    torch.manual_seed(0)
+    config = transformers.XLNetConfig(vocab_size=99, d_model=32, n_layer=2, n_head=4, d_inner=37)
+    model = transformers.XLNetModel(config).eval()
+    before = snapshot(model)
+    with pytest.raises(layerfuse.ArchitectureError, match=r"\(tokens, batch, hidden\), not \(batch, tokens, hidden\)"):
+        layerfuse.fuse(model, torch.ones(32), layer=1)
+    assert_unchanged(model, before)
