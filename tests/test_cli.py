@@ -173,3 +173,9 @@ def test_help_imports_no_heavy_module():
     assert set(by_torch) <= {"tqdm"}
     loaded = loaded_modules(HELP_OF_EACH_COMMAND)
     assert len(loaded) == 7 and all(set(names) <= set(by_torch) for names in loaded.values()), loaded
+
+
+def test_inspect_prints_what_layerfuse_inspect_returns(capsys):
+    assert main(["inspect"]) == 0
+    model, _ = layerfuse.load_model(None)
+    assert capsys.readouterr().out == repr(layerfuse.inspect(model)) + "\n"
