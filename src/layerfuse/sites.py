@@ -403,9 +403,9 @@ def hidden_size_at(model: nn.Module, site: Site) -> int:
     )
 
 
-def middle_layer(model: nn.Module, stack: str | None = None) -> int:
+def middle_layer(model: nn.Module) -> int:
     """The layer of the middle block, the default of the commands that fuse one layer."""
-    return len(find_blocks(model, stack)) // 2
+    return len(find_blocks(model)) // 2
 
 
 KINDS = ("output", "input", "attention", "mlp")
