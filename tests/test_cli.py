@@ -203,3 +203,9 @@ def test_outputs_and_shapes_are_checked_before_any_work(tmp_path, capsys, monkey
 
 def forbidden(*args, **kwargs):
     raise AssertionError("the work began before its arguments were checked")
+
+
+def test_inspect_prints_what_layerfuse_inspect_returns(capsys):
+    assert main(["inspect"]) == 0
+    model, _ = layerfuse.load_model(None)
+    assert capsys.readouterr().out == repr(layerfuse.inspect(model)) + "\n"

@@ -49,6 +49,7 @@ from .methods import (
 )
 from .models import load_model
 from .saving import load_config, load_fusion
+from .sites import ModelSites, StackSites, inspect
 from .sweep import sweep
 from .training import train
 from .words import WordInfo, word_info
@@ -92,10 +93,12 @@ __all__ = [
     "Merged",
     "Method",
     "ModelNotFoundError",
+    "ModelSites",
     "Multiplication",
     "Project",
     "Replace",
     "Scale",
+    "StackSites",
     "UnknownNameError",
     "WordInfo",
     "compare",
@@ -103,6 +106,7 @@ __all__ = [
     "export_merged",
     "fuse",
     "fuse_many",
+    "inspect",
     "load_config",
     "load_fusion",
     "load_model",

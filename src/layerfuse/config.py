@@ -11,7 +11,7 @@ what the commands read and write.
 >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
 >>> config = FusionConfig(method="add", arguments={"alpha": 0.5}, layer=1, positions="tokens")
 >>> config.to_dict()
-{'method': 'addition', 'arguments': {'alpha': 0.5}, 'layer': 1, 'site': 'output', 'approach': 'hook', 'positions': 'tokens'}
+{'method': 'addition', 'arguments': {'alpha': 0.5}, 'layer': 1, 'site': 'output', 'stack': None, 'approach': 'hook', 'positions': 'tokens'}
 >>> with fuse(model, torch.ones(32), config) as fusion:
 ...     fusion.config == config
 True
@@ -33,18 +33,19 @@ from .methods import Method, check_arguments, make_method, method_parameters
 from .positions import Positions, PositionsLike
 from .sites import check_site
 
-FIELDS = ("method", "arguments", "layer", "site", "approach", "positions")
+FIELDS = ("method", "arguments", "layer", "site", "stack", "approach", "positions")
 
 
 @dataclass(frozen=True, eq=False)
 class FusionConfig:
-    """A fusion without its model and info: `method` with its `arguments`, at `site` of `layer`, by `approach`, at `positions`.
+    """A fusion without its model and info: `method` with its `arguments`, at `site` of `layer` (of `stack`), by `approach`, at `positions`.
 
     `method` is a registered name or alias (kept as the registered name); `arguments` are its
     constructor's keywords, completed by what the method records of itself (`Method.arguments()`:
     defaults, numbers as floats) for fixed methods and by the constructor's defaults for learned ones. `layer` is the index
     that `hidden_states` reports (None for a site named by module); `site` is "output", "input",
-    "attention", "mlp", "embeddings" or a module's dotted name; `approach` is "hook" or "layer";
+    "attention", "mlp", "embeddings" or a module's dotted name; `stack` is "encoder" or "decoder" for
+    a layer of an encoder-decoder with both (None otherwise); `approach` is "hook" or "layer";
     `positions` is "all", "tokens", "first", "last", token indices or a boolean (B, T) mask.
     """
 
@@ -52,6 +53,7 @@ class FusionConfig:
     arguments: Mapping[str, Any] = field(default_factory=dict)
     layer: int | None = None
     site: str = "output"
+    stack: str | None = None
     approach: str = "hook"
     positions: PositionsLike = "all"
 
@@ -69,7 +71,7 @@ class FusionConfig:
             arguments = {**defaults, **self.arguments}
         else:
             arguments = {**self.arguments, **cls(**self.arguments).arguments()}
-        check_site(self.layer, self.site)
+        check_site(self.layer, self.site, self.stack)
         if not isinstance(self.approach, str) or self.approach not in APPROACHES:
             raise UnknownNameError(f"unknown approach {self.approach!r}: use one of {', '.join(APPROACHES)}")
         positions = Positions(self.positions)
@@ -106,6 +108,7 @@ class FusionConfig:
             "arguments": arguments,
             "layer": self.layer,
             "site": self.site,
+            "stack": self.stack,
             "approach": self.approach,
             "positions": positions,
         }
@@ -151,12 +154,12 @@ def config_or_keywords(
 ) -> tuple[FusionConfig, Method | None]:
     """The config of a call that takes a `FusionConfig` or its fields as keywords, and a `Method` instance if one was given.
 
-    `fields` are `layer`, `site`, `approach`, `positions` (None: not given) and the method's arguments.
+    `fields` are `layer`, `site`, `stack`, `approach`, `positions` (None: not given) and the method's arguments.
 
     >>> config_or_keywords(None, layer=2, method="scale", alpha=0.5)[0].arguments
     {'alpha': 0.5}
     """
-    named = {key: fields.pop(key) for key in ("layer", "site", "approach", "positions") if key in fields}
+    named = {key: fields.pop(key) for key in ("layer", "site", "stack", "approach", "positions") if key in fields}
     given = sorted([key for key, value in {**named, "method": method}.items() if value is not None] + list(fields))
     if config is not None:
         if not isinstance(config, FusionConfig):

@@ -34,7 +34,7 @@ from .models import transformer_of
 from .outputs import split_output
 from .positions import Positions, PositionsLike
 from .save_guard import guard, unguard
-from .sites import Site, resolve_site
+from .sites import Site, hidden_size_at, resolve_site
 from .watch import ForwardWatch, attention_mask_index
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class Fusion:
             arguments=self.method.arguments(),
             layer=None if named else self.site.layer,
             site=self.site.name if named else self.site.kind,
+            stack=None if named else self.site.stack,
             approach=self.approach,
             positions=self.positions.mask if self.positions.mask is not None else self.positions.value,
         )
@@ -119,7 +120,7 @@ class Fusion:
 
     def set_info(self, info: torch.Tensor | None) -> None:
         """Replace the info, checked as `fuse` checks it (e.g. a new batch's per-example info)."""
-        hidden_size = self.model.config.hidden_size
+        hidden_size = hidden_size_at(self.model, self.site)
         new = Info(info, layout=self.info.layout, size=self.method.info_dim(hidden_size), prepare=self.method.prepare)
         if self.info.tensor is not None:
             new.to(self.info.tensor.dtype, self.info.tensor.device)
@@ -148,7 +149,9 @@ class Fusion:
         and, for per-example info, its `generate`, which repeats the examples."""
         needed = self.positions.needs_attention_mask or self.site.call is not None or self.info.batch_size is not None
         if needed and self._watch is None:
-            self._watch = ForwardWatch(self.model, needs_mask=self.positions.needs_attention_mask)
+            self._watch = ForwardWatch(
+                self.model, needs_mask=self.positions.needs_attention_mask, mask_name=self.site.attention_mask
+            )
         if self.info.batch_size is not None and self._generate is None:
             self._generate = watch_generate(self.model, self)
 
@@ -226,7 +229,8 @@ class Fusion:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         shape = None if self.info.source is None else tuple(self.info.source.shape)
-        where = f"layer={self.layer}, site={self.site.kind!r} ({self.site.name})"
+        stack = f"stack={self.site.stack!r}, " if self.site.stack and self.site.kind != "module" else ""
+        where = f"{stack}layer={self.layer}, site={self.site.kind!r} ({self.site.name})"
         return (
             f"Fusion({where}, method={self.method!r}, info={shape}, "
             f"positions={self.positions.value!r}, approach={self.approach!r}, {state})"
@@ -255,8 +259,8 @@ def prepare_fusion(
     A sentence-transformers model is fused in its transformer (`transformer_of`).
     """
     model = transformer_of(model)
-    where = resolve_site(model, layer=config.layer, site=config.site)
-    hidden_size = model.config.hidden_size
+    where = resolve_site(model, layer=config.layer, site=config.site, stack=config.stack)
+    hidden_size = hidden_size_at(model, where)
     if isinstance(info, torch.Tensor):
         check_tensor(info, "info")
     info_size = info.shape[-1] if isinstance(info, torch.Tensor) and info.ndim else None
@@ -266,7 +270,7 @@ def prepare_fusion(
     )
     fusion_positions = Positions(config.positions)
     if fusion_positions.needs_attention_mask:
-        attention_mask_index(model)
+        attention_mask_index(model, where.attention_mask)
     weight = _first_weight(model)
     fusion_method.check_dtype(weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
     if weight is not None:
@@ -284,6 +288,7 @@ def fuse(
     *,
     layer: int | None = None,
     site: str | None = None,
+    stack: str | None = None,
     method: str | Method | None = None,
     approach: str | None = None,
     positions: PositionsLike | None = None,
@@ -296,14 +301,22 @@ def fuse(
     The keywords are a shortcut for a `FusionConfig` of the same fields (give one or the other):
     `layer=k` is what `output_hidden_states` reports as `hidden_states[k]` (0: embeddings, -1: the
     last); `site` is "output" (default: that tensor), "input", "attention" or "mlp" of block k,
-    "embeddings", or a module's dotted name (then no layer); `method` is a registered name (default
+    "embeddings", or a module's dotted name (then no layer); `stack` is "encoder" or "decoder", the
+    stack of an encoder-decoder (T5, BART) whose layer k it is; `method` is a registered name (default
     "addition"; see `layerfuse.METHODS`) with its arguments as keywords (`alpha=0.5`), or a `Method`
     instance; `approach` is "hook" (default) or "layer"; `positions` is "all" (default), "tokens",
     "first", "last", token indices or a (B, T) mask. `info` has the shapes the method takes: for
     most, (H,), (B, H) or (B, T, H). Everything is checked before the model is touched.
     """
     config, instance = config_or_keywords(
-        config, layer=layer, site=site, method=method, approach=approach, positions=positions, **method_arguments
+        config,
+        layer=layer,
+        site=site,
+        stack=stack,
+        method=method,
+        approach=approach,
+        positions=positions,
+        **method_arguments,
     )
     return prepare_fusion(model, info, config, method=instance).attach()
 

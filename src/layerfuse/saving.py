@@ -98,7 +98,7 @@ def _read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     fusion, model = data.get("fusion"), data.get("model")
     if not isinstance(fusion, Mapping) or not isinstance(model, Mapping):
         raise FileFormatError(f"{folder / CONFIG_NAME} lacks its 'fusion' or 'model' object")
-    missing = [key for key in FIELDS if key not in fusion and key != "site"]
+    missing = [key for key in FIELDS if key not in fusion and key not in ("site", "stack")]
     missing += [key for key in ("hidden_size",) if key not in model]
     if missing:
         raise FileFormatError(f"{folder / CONFIG_NAME} lacks {', '.join(missing)}")

@@ -7,7 +7,10 @@ Where a model normalises after its last block (GPT-2, Llama, ModernBERT on trans
 `hidden_states[N]` and so `layer=N` is the normalised output. Sites within a block: "input" (the
 block's input), "attention" and "mlp" (the sub-layer's output, before the residual add); "embeddings"
 is layer 0; any module can also be named by its dotted path. ALBERT runs one shared block N times:
-its layer k is the k-th call.
+its layer k is the k-th call. An encoder-decoder (T5, BART) has two stacks of blocks: `stack="encoder"`
+or `"decoder"` chooses one, and its layer k is what it reports as `encoder_hidden_states[k]` or
+`decoder_hidden_states[k]`; a model of one stack (T5EncoderModel) needs no choice. `inspect(model)`
+lists every site.
 
 >>> from transformers import BertConfig, BertModel
 >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
@@ -17,10 +20,12 @@ its layer k is the k-th call.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from inspect import signature
 from typing import Literal
 
+import torch
 import transformers
 from torch import nn
 
@@ -28,6 +33,7 @@ from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, La
 
 Point = Literal["input", "output"]
 SITES = ("output", "input", "attention", "mlp", "embeddings")
+STACKS = ("encoder", "decoder")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class Layout:
     mlp: str
     final_norm: str | None = None
     embeddings: tuple[str, ...] = ()
+    attention_mask: str = "attention_mask"
+    """The argument of the model's forward that holds this stack's attention mask."""
 
 
 _BERT = Layout(
@@ -64,10 +72,38 @@ LAYOUTS: dict[str, Layout] = {
         blocks="layers", attention="attn", mlp="mlp", final_norm=_MODERNBERT_NORM, embeddings=("embeddings",)
     ),
     "gpt2": Layout(blocks="h", attention="attn", mlp="mlp", final_norm="ln_f", embeddings=("drop",)),
+    "mpnet": replace(_BERT, attention="attention.attn"),
+    "esm": replace(_BERT, final_norm="encoder.emb_layer_norm_after"),
+    "gpt_neox": Layout(
+        blocks="layers", attention="attention", mlp="mlp", final_norm="final_layer_norm", embeddings=("emb_dropout",)
+    ),
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "phi3": _DECODER,
 }
+# Encoder-decoders: a layout for each stack, in the model or in its base model. Layer 0 is the first block's
+# input: the embeddings module is shared by both stacks.
+_T5 = {
+    "encoder": Layout("encoder.block", "layer.0.SelfAttention", "layer.1.DenseReluDense", "encoder.final_layer_norm"),
+    "decoder": Layout(
+        "decoder.block",
+        "layer.0.SelfAttention",
+        "layer.2.DenseReluDense",
+        "decoder.final_layer_norm",
+        attention_mask="decoder_attention_mask",
+    ),
+}
+STACKED_LAYOUTS: dict[str, dict[str, Layout]] = {
+    "t5": _T5,
+    "bart": {
+        "encoder": Layout("encoder.layers", "self_attn", "fc2"),
+        "decoder": Layout("decoder.layers", "self_attn", "fc2", attention_mask="decoder_attention_mask"),
+    },
+}
+UNSUPPORTED = {"xlnet": "its blocks hold the hidden states as (tokens, batch, hidden), not (batch, tokens, hidden)"}
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "ffn", "feed_forward")
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_norm", "final_layer_norm", "final_layernorm")
@@ -78,21 +114,27 @@ class Block:
     """One pass of the model's stack: the module that runs it and, for a shared module, which call."""
 
     name: str
-    module: nn.Module
+    module: nn.Module = field(repr=False)
     call: int | None = None
 
 
 @dataclass(frozen=True)
 class Site:
-    """A resolved place to fuse: a module, its input or output, and for a shared module which call."""
+    """A resolved place to fuse: a module, its input or output, for a shared module which call, and its stack.
+
+    `attention_mask` names the argument of the model's forward that holds the mask of the positions
+    this site sees (None where the model has several and none is this site's).
+    """
 
     layer: int | None
     kind: str
     name: str
-    module: nn.Module
+    module: nn.Module = field(repr=False)
     point: Point = "output"
     call: int | None = None
     input_name: str = "hidden_states"
+    stack: str | None = None
+    attention_mask: str | None = "attention_mask"
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -105,7 +147,8 @@ def _config(model: nn.Module):
     if not isinstance(getattr(config, "num_hidden_layers", None), int) or config.num_hidden_layers < 1:
         raise ArchitectureError(
             f"cannot locate the blocks of {type(model).__name__}: expected a Hugging Face transformers "
-            "model whose config has num_hidden_layers, such as the one layerfuse.load_model() returns"
+            "model whose config has num_hidden_layers, such as the one layerfuse.load_model() returns; "
+            "or name the module to fuse, e.g. site='encoder.layer.3'"
         )
     return config
 
@@ -121,6 +164,46 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def stacks(model: nn.Module) -> tuple[str, ...]:
+    """The names of the model's stacks of blocks that `stack=` chooses from; () for a model of one unnamed stack.
+
+    >>> from transformers import T5Config, T5EncoderModel
+    >>> stacks(T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4, vocab_size=99)))
+    ('encoder',)
+    """
+    layouts = STACKED_LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", ""), {})
+    base = _base(model)
+    return tuple(name for name, layout in layouts.items() if _get(base, layout.blocks) is not None)
+
+
+def _choices(names: tuple[str, ...]) -> str:
+    return " or ".join(f"stack={name!r}" for name in names)
+
+
+def _layout(model: nn.Module, stack: str | None) -> tuple[str | None, Layout | None]:
+    """The stack that `stack` chooses (its name, None for a model of one unnamed stack) and its layout, if known."""
+    model_type = getattr(_config(model), "model_type", "")
+    if model_type in UNSUPPORTED:
+        raise ArchitectureError(f"layers of {type(model).__name__} cannot be fused: {UNSUPPORTED[model_type]}")
+    named = stacks(model)
+    if not named:
+        if stack is not None:
+            raise ArgumentValueError(
+                f"{type(model).__name__} has one stack of blocks, not named: leave stack unset (got stack={stack!r})"
+            )
+        return None, LAYOUTS.get(model_type)
+    if stack is None and len(named) == 1:
+        stack = named[0]
+    if stack is None:
+        raise ArgumentValueError(
+            f"{type(model).__name__} has {len(named)} stacks of blocks, {' and '.join(named)}: "
+            f"choose one with {_choices(named)}"
+        )
+    if stack not in named:
+        raise ArgumentValueError(f"{type(model).__name__} has no {stack} stack: use {_choices(named)}")
+    return stack, STACKED_LAYOUTS[model_type][stack]
+
+
 def _albert_blocks(model: nn.Module, groups: nn.ModuleList, count: int) -> list[Block]:
     if any(len(group.albert_layers) != 1 for group in groups):
         raise ArchitectureError("ALBERT with inner_group_num > 1 is not supported: pass a module name as site")
@@ -132,15 +215,16 @@ def _albert_blocks(model: nn.Module, groups: nn.ModuleList, count: int) -> list[
     return blocks
 
 
-def find_blocks(model: nn.Module) -> list[Block]:
-    """The model's N passes through its blocks, in order (for ALBERT, N calls of one shared block)."""
+def find_blocks(model: nn.Module, stack: str | None = None) -> list[Block]:
+    """The model's N passes through the blocks of its (chosen) stack, in order (for ALBERT, N calls of one shared block)."""
     config = _config(model)
+    name, layout = _layout(model, stack)
     count, base = config.num_hidden_layers, _base(model)
-    layout = LAYOUTS.get(getattr(config, "model_type", ""))
-    if layout is not None and (stack := _get(base, layout.blocks)) is not None:
+    if layout is not None and (blocks := _get(base, layout.blocks)) is not None:
         if config.model_type == "albert":
-            return _albert_blocks(model, stack, count)
-        candidates = [stack]
+            return _albert_blocks(model, blocks, count)
+        count = len(blocks) if name is not None else count
+        candidates = [blocks]
     else:
         candidates = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     names = _names(model)
@@ -154,26 +238,24 @@ def find_blocks(model: nn.Module) -> list[Block]:
     return [Block(names[id(block)], block) for block in candidates[0]]
 
 
-def find_final_norm(model: nn.Module) -> nn.Module | None:
-    """The norm a model applies after its last block (what `hidden_states[N]` reports), if any."""
-    base, config = _base(model), _config(model)
-    layout = LAYOUTS.get(getattr(config, "model_type", ""))
+def find_final_norm(model: nn.Module, stack: str | None = None) -> nn.Module | None:
+    """The norm a model applies after the last block of its (chosen) stack (what `hidden_states[N]` reports), if any."""
+    base, (_, layout) = _base(model), _layout(model, stack)
     if layout is not None:
         return _get(base, layout.final_norm) if layout.final_norm else None
     children = dict(base.named_children())
     return next((children[n] for n in _FINAL_NORM_NAMES if n in children), None)
 
 
-def find_embeddings(model: nn.Module) -> nn.Module | None:
+def find_embeddings(model: nn.Module, stack: str | None = None) -> nn.Module | None:
     """The module whose output is the first block's input (`hidden_states[0]`), where the layout names one."""
-    layout = LAYOUTS.get(getattr(_config(model), "model_type", ""))
-    base = _base(model)
+    base, (_, layout) = _base(model), _layout(model, stack)
     return next((m for path in (layout.embeddings if layout else ()) if (m := _get(base, path)) is not None), None)
 
 
-def find_sublayer(model: nn.Module, block: Block, kind: str) -> nn.Module:
+def find_sublayer(model: nn.Module, block: Block, kind: str, stack: str | None = None) -> nn.Module:
     """The attention or MLP sub-layer of `block`, whose output is added to the residual stream."""
-    layout = LAYOUTS.get(getattr(model.config, "model_type", ""))
+    _, layout = _layout(model, stack)
     paths = (getattr(layout, kind),) if layout else _ATTENTION_NAMES if kind == "attention" else _MLP_NAMES
     for path in paths:
         if (module := _get(block.module, path)) is not None:
@@ -186,23 +268,29 @@ def find_sublayer(model: nn.Module, block: Block, kind: str) -> nn.Module:
 
 
 def _first_input(module: nn.Module) -> str:
-    parameters = list(inspect.signature(type(module).forward).parameters)
+    parameters = list(signature(type(module).forward).parameters)
     return parameters[1] if len(parameters) > 1 else "hidden_states"
 
 
-def check_site(layer: int | None, site: str) -> int | None:
-    """Check what can be checked of `layer` and `site` without the model; return the layer ("embeddings": 0).
+def check_site(layer: int | None, site: str, stack: str | None = None) -> int | None:
+    """Check what can be checked of `layer`, `site` and `stack` without the model; return the layer ("embeddings": 0).
 
-    >>> check_site(None, "embeddings"), check_site(None, "encoder.layer.0")
-    (0, None)
+    >>> check_site(None, "embeddings"), check_site(None, "encoder.layer.0"), check_site(2, "mlp", "decoder")
+    (0, None, 2)
     """
     if not isinstance(site, str):
         raise ArgumentTypeError(f"site must be a string, got {type(site).__name__}")
+    if stack is not None and (not isinstance(stack, str) or stack not in STACKS):
+        raise ArgumentValueError(f"unknown stack {stack!r}: use {_choices(STACKS)}, or None for a model of one stack")
     if site not in SITES:
         if layer is not None:
             raise ArgumentValueError(
                 f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer; "
                 f"if {site!r} is a module name, it takes no layer (got layer={layer})"
+            )
+        if stack is not None:
+            raise ArgumentValueError(
+                f"site {site!r} is a module name, whose path says where it is: it takes no stack (got stack={stack!r})"
             )
         return None
     if site == "embeddings":
@@ -216,41 +304,103 @@ def check_site(layer: int | None, site: str) -> int | None:
     return layer
 
 
-def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "output") -> Site:
-    """Resolve `layer` and `site` to the module and point that a fusion edits."""
-    layer = check_site(layer, site)
+def _named_module(model: nn.Module, site: str) -> Site:
+    """The site of the module named `site`, refused where a fusion there could never run."""
+    module = _get(model, site)
+    if module is None:
+        raise ArgumentValueError(
+            f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer, "
+            "or the dotted name of a module of the model (see layerfuse.inspect(model) or `layerfuse inspect`)"
+        )
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ArchitectureError(
+            f"site {site!r} is a TorchScript module, whose compiled forward runs no Python hooks: "
+            "fuse the model before tracing or scripting it"
+        )
+    if type(module).forward is nn.Module.forward:
+        child = next((name for name, _ in module.named_children()), "<child>")
+        raise ArgumentValueError(
+            f"site {site!r} is a {type(module).__name__}, which has no forward of its own and so is never "
+            f"called: name one of its modules, e.g. site='{site}.{child}'"
+        )
+    return Site(layer=None, kind="module", name=site, module=module, **_stack_of(model, module))
+
+
+def _stack_of(model: nn.Module, module: nn.Module) -> dict[str, str | None]:
+    """The one stack that holds `module`, and the argument of the model's forward with the mask of its positions
+    (None: a model of several stacks, and the module is in none or several of them)."""
+    named = stacks(model)
+    if not named:
+        return {"stack": None, "attention_mask": "attention_mask"}
+    layouts = STACKED_LAYOUTS[model.config.model_type]
+    roots = {name: _base(model).get_submodule(layouts[name].blocks.rpartition(".")[0]) for name in named}
+    inside = [name for name, root in roots.items() if any(inner is module for inner in root.modules())]
+    if len(inside) == 1:  # a module of one stack only (the embeddings may be shared by both)
+        return {"stack": inside[0], "attention_mask": layouts[inside[0]].attention_mask}
+    return {"stack": None, "attention_mask": layouts[named[0]].attention_mask if len(named) == 1 else None}
+
+
+def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "output", stack: str | None = None) -> Site:
+    """Resolve `layer` and `site` (of the `stack` it chooses, in an encoder-decoder) to the module and point that a fusion edits."""
+    layer = check_site(layer, site, stack)
     if site not in SITES:
-        module = _get(model, site)
-        if module is None:
-            raise ArgumentValueError(
-                f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer, "
-                "or the dotted name of a module of the model (see `layerfuse inspect`)"
-            )
-        return Site(layer=None, kind="module", name=site, module=module)
-    blocks = find_blocks(model)
+        return _named_module(model, site)
+    stack, layout = _layout(model, stack)
+    blocks = find_blocks(model, stack)
     count = len(blocks)
     if not -(count + 1) <= layer <= count:
         raise LayerIndexError(
-            f"layer {layer} is out of range for a {count}-block model: use 0..{count} or -{count + 1}..-1"
+            f"layer {layer} is out of range for a {count}-block {f'{stack} stack' if stack else 'model'}: "
+            f"use 0..{count} or -{count + 1}..-1"
         )
     index = layer % (count + 1)
+    common = {"stack": stack, "attention_mask": layout.attention_mask if layout else "attention_mask"}
     if index == 0:
         if site not in ("output", "embeddings"):
             raise ArgumentValueError(f"layer 0 is the embeddings' output, it has no {site!r}: use layers 1..{count}")
-        embeddings = find_embeddings(model)
+        embeddings = find_embeddings(model, stack)
         if embeddings is not None:
-            return Site(0, site, _names(model)[id(embeddings)], embeddings)
+            return Site(0, site, _names(model)[id(embeddings)], embeddings, **common)
         first = blocks[0]
-        return Site(0, site, first.name, first.module, "input", first.call, _first_input(first.module))
+        return Site(0, site, first.name, first.module, "input", first.call, _first_input(first.module), **common)
     block = blocks[index - 1]
     if site == "input":
-        return Site(index, site, block.name, block.module, "input", block.call, _first_input(block.module))
+        return Site(index, site, block.name, block.module, "input", block.call, _first_input(block.module), **common)
     if site in ("attention", "mlp"):
-        module = find_sublayer(model, block, site)
-        return Site(index, site, _names(model)[id(module)], module, "output", block.call)
-    if index == count and (norm := find_final_norm(model)) is not None:
-        return Site(index, site, _names(model)[id(norm)], norm)
-    return Site(index, site, block.name, block.module, "output", block.call)
+        module = find_sublayer(model, block, site, stack)
+        return Site(index, site, _names(model)[id(module)], module, "output", block.call, **common)
+    if index == count and (norm := find_final_norm(model, stack)) is not None:
+        return Site(index, site, _names(model)[id(norm)], norm, **common)
+    return Site(index, site, block.name, block.module, "output", block.call, **common)
+
+
+def hidden_size_at(model: nn.Module, site: Site) -> int:
+    """The width of the hidden states at `site`: the `config.hidden_size` of the innermost transformers model
+    that holds it, else (a module in an `nn.Sequential`, say) the output width its type states.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    >>> hidden_size_at(model, resolve_site(model, site="0"))
+    6
+    """
+    parts = site.name.split(".")
+    for end in range(len(parts), -1, -1):
+        holder = _get(model, ".".join(parts[:end]))
+        size = getattr(getattr(holder, "config", None), "hidden_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+    module = site.module
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return module.normalized_shape[-1]
+    raise ArchitectureError(
+        f"cannot tell the hidden size at site {site.name!r} ({type(module).__name__}): it is in no transformers "
+        f"model with config.hidden_size, and a {type(module).__name__} does not state its output width; "
+        "name a module of a transformers model, or an nn.Linear, nn.Embedding or nn.LayerNorm"
+    )
 
 
 def middle_layer(model: nn.Module) -> int:
@@ -258,24 +408,90 @@ def middle_layer(model: nn.Module) -> int:
     return len(find_blocks(model)) // 2
 
 
-def site_table(model: nn.Module) -> list[dict[str, str]]:
-    """For each layer 0..N, the module each site resolves to ("-" where there is none).
+KINDS = ("output", "input", "attention", "mlp")
+"""The sites of each layer that `inspect` lists ("embeddings" is layer 0's output)."""
 
-    >>> from transformers import BertConfig, BertModel
-    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
-    >>> site_table(model)[1]["attention"]
-    'encoder.layer.0.attention.output.dense'
+
+@dataclass(frozen=True)
+class StackSites:
+    """One stack of blocks: its name (None in a model of one stack), its blocks, and for each layer 0..N the
+    site each of `KINDS` resolves to (None where the layer has none)."""
+
+    name: str | None
+    blocks: tuple[Block, ...]
+    layers: tuple[Mapping[str, Site | None], ...]
+
+
+@dataclass(frozen=True, repr=False)
+class ModelSites:
+    """The sites of a model, as `inspect` finds them; its repr is the table that `layerfuse inspect` prints."""
+
+    model: str
+    model_type: str
+    hidden_size: int
+    stacks: tuple[StackSites, ...]
+
+    def __repr__(self) -> str:
+        lines = [
+            f"{self.model} (model_type {self.model_type}), hidden size {self.hidden_size}",
+            "layer=k is hidden_states[k] (of its stack); sites: output (default), input, attention, mlp, "
+            "embeddings (= layer 0),",
+            "or any module by its dotted name. Both approaches (hook, layer) apply at every site.",
+        ]
+        for stack in self.stacks:
+            first, last = stack.blocks[0].name, stack.blocks[-1].name
+            blocks = f"1 block: {first}" if len(stack.blocks) == 1 else f"{len(stack.blocks)} blocks: {first} .. {last}"
+            if stack.name is not None:
+                blocks = f"stack={stack.name!r}: {blocks}"
+            if len(self.stacks) > 1:
+                blocks += f", layer k is {stack.name}_hidden_states[k]"
+            lines += ["", blocks]
+            rows = [
+                {"layer": str(k), **{kind: _cell(layer[kind]) for kind in KINDS}}
+                for k, layer in enumerate(stack.layers)
+            ]
+            widths = {key: max(len(key), *(len(row[key]) for row in rows)) for key in rows[0]}
+            lines.append("  ".join(key.ljust(width) for key, width in widths.items()).rstrip())
+            lines += ["  ".join(row[key].ljust(width) for key, width in widths.items()).rstrip() for row in rows]
+        return "\n".join(lines)
+
+
+def _cell(site: Site | None) -> str:
+    if site is None:
+        return "-"
+    call = f" (call {site.call})" if site.call is not None else ""
+    return f"{site.name}{' input' if site.point == 'input' and site.kind == 'output' else ''}{call}"
+
+
+def inspect(model: nn.Module) -> ModelSites:
+    """The model's stacks, and for each layer the module that each site resolves to.
+
+    >>> from transformers import BertConfig, BertModel, T5Config, T5Model
+    >>> inspect(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)))
+    BertModel (model_type bert), hidden size 32
+    layer=k is hidden_states[k] (of its stack); sites: output (default), input, attention, mlp, embeddings (= layer 0),
+    or any module by its dotted name. Both approaches (hook, layer) apply at every site.
+    <BLANKLINE>
+    1 block: encoder.layer.0
+    layer  output           input            attention                               mlp
+    0      embeddings       -                -                                       -
+    1      encoder.layer.0  encoder.layer.0  encoder.layer.0.attention.output.dense  encoder.layer.0.output.dense
+    >>> t5 = inspect(T5Model(T5Config(d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, vocab_size=99)))
+    >>> [stack.name for stack in t5.stacks], t5.stacks[1].layers[2]["mlp"].name
+    (['encoder', 'decoder'], 'decoder.block.1.layer.2.DenseReluDense')
     """
-    rows = []
-    for layer in range(len(find_blocks(model)) + 1):
-        row = {"layer": str(layer)}
-        for site in ("output", "input", "attention", "mlp"):
-            try:
-                found = resolve_site(model, layer=layer, site=site)
-            except (ArchitectureError, ArgumentValueError):
-                row[site] = "-"
-                continue
-            call = f" (call {found.call})" if found.call is not None else ""
-            row[site] = f"{found.name}{' input' if found.point == 'input' and site == 'output' else ''}{call}"
-        rows.append(row)
-    return rows
+    config = _config(model)
+    found = []
+    for name in stacks(model) or (None,):
+        blocks = tuple(find_blocks(model, name))
+        layers = []
+        for layer in range(len(blocks) + 1):
+            sites: dict[str, Site | None] = {}
+            for kind in KINDS:
+                try:
+                    sites[kind] = resolve_site(model, layer=layer, site=kind, stack=name)
+                except (ArchitectureError, ArgumentValueError):
+                    sites[kind] = None
+            layers.append(sites)
+        found.append(StackSites(name, blocks, tuple(layers)))
+    return ModelSites(type(model).__name__, getattr(config, "model_type", ""), config.hidden_size, tuple(found))

@@ -29,15 +29,23 @@ from torch import nn
 from .errors import ArchitectureError, FusionStateError
 
 
-def attention_mask_index(model: nn.Module) -> int:
-    """Where `model.forward` takes `attention_mask` among its positional arguments."""
+def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") -> int:
+    """Where `model.forward` takes the mask `name` (`decoder_attention_mask` for a decoder stack) among its positional arguments.
+
+    `name` None: the site is in none or several of the model's stacks, so no mask is known to be its own.
+    """
+    if name is None:
+        raise ArchitectureError(
+            f"positions 'tokens', 'first' and 'last' read the attention mask, and the site is in none or both of the "
+            f"stacks of {type(model).__name__}, each with a mask of its own: give token indices or a boolean mask"
+        )
     parameters = list(inspect.signature(model.forward).parameters)
-    if "attention_mask" not in parameters:
+    if name not in parameters:
         raise ArchitectureError(
             f"positions 'tokens', 'first' and 'last' read the attention mask, but "
-            f"{type(model).__name__}.forward takes none: give token indices or a boolean mask"
+            f"{type(model).__name__}.forward takes no {name}: give token indices or a boolean mask"
         )
-    return parameters.index("attention_mask")
+    return parameters.index(name)
 
 
 _NONE = object()
@@ -82,10 +90,11 @@ class WatchedForward:
 
 
 class ForwardWatch:
-    """Records, for each forward of `model`, its attention mask and a count of the fused module's calls."""
+    """Records, for each forward of `model`, its attention mask (`mask_name`) and a count of the fused module's calls."""
 
-    def __init__(self, model: nn.Module, *, needs_mask: bool) -> None:
-        self.index = attention_mask_index(model) if needs_mask else None
+    def __init__(self, model: nn.Module, *, needs_mask: bool, mask_name: str | None = "attention_mask") -> None:
+        self.index = attention_mask_index(model, mask_name) if needs_mask else None
+        self.mask_name = mask_name
         self.model = model
         self.mask: torch.Tensor | None = None
         self.calls = 0
@@ -106,7 +115,7 @@ class ForwardWatch:
         self.depth += 1
         self.calls, self.direct = 0, direct
         if self.index is not None:
-            self.mask = kwargs.get("attention_mask", args[self.index] if len(args) > self.index else None)
+            self.mask = kwargs.get(self.mask_name, args[self.index] if len(args) > self.index else None)
 
     def exit(self) -> None:
         """The forward that started last has ended, or raised."""
