@@ -3,7 +3,11 @@ unchanged; a thousand fuse/forward/remove cycles, most ending in an exception, l
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
+import sys
+import threading
 import tracemalloc
 import weakref
 from collections import Counter
@@ -16,7 +20,7 @@ from hypothesis import strategies as st
 from torch.utils.hooks import RemovableHandle
 
 import layerfuse
-from conftest import TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
+from conftest import POSITIONS, TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
 from reference import bert_forward, chosen_positions, fixed_formula
 
 H = TINY["hidden_size"]
@@ -199,3 +203,91 @@ def test_after_the_cycles_the_model_computes_as_before(approach):
         for index in range(50):
             cycle(model, batch, index)
         assert torch.equal(model(**batch).last_hidden_state, plain)
+
+
+INFOS = {"shared": torch.ones(H), "per-example": torch.ones(3, H)}
+
+
+def structure(model):
+    """Each module's name, class, instance attributes and numbers of hooks: what a copy must have of the original."""
+    return [
+        (name, type(module), sorted(module.__dict__), len(module._forward_hooks), len(module._forward_pre_hooks))
+        for name, module in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("positions, info", [(name, "shared") for name in POSITIONS] + [("all", "per-example")])
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_a_fused_model_refuses_copies_and_copies_as_plain_once_removed(batch, approach, positions, info):
+    # Not run with output_hidden_states: transformers' capture hooks, installed then, are local functions,
+    # which no model pickles with.
+    tiny = tiny_bert()
+    before, plain_structure = snapshot(tiny), structure(tiny)
+    with torch.no_grad():
+        plain = tiny(**batch).last_hidden_state
+        with layerfuse.fuse(tiny, INFOS[info], layer=2, approach=approach, positions=POSITIONS[positions]):
+            fused = tiny(**batch).last_hidden_state
+            for copy_of in (copy.deepcopy, pickle.dumps):
+                for what in (tiny, tiny.encoder.layer[1]):
+                    with pytest.raises(
+                        layerfuse.FusionStateError, match=r"remove the fusion first.*model\.state_dict\(\)"
+                    ):
+                        copy_of(what)
+            assert torch.equal(tiny(**batch).last_hidden_state, fused)
+        assert not torch.equal(fused, plain)
+        assert_unchanged(tiny, before)
+        for twin in (copy.deepcopy(tiny), pickle.loads(pickle.dumps(tiny))):
+            assert structure(twin) == plain_structure
+            assert torch.equal(twin(**batch).last_hidden_state, plain)
+            with layerfuse.fuse(twin, INFOS[info], layer=2, approach=approach, positions=POSITIONS[positions]):
+                assert torch.equal(twin(**batch).last_hidden_state, fused)
+            assert torch.equal(twin(**batch).last_hidden_state, plain)
+
+
+def race(works):
+    """Run each function in a thread of its own, all started at once and switching often; return what they raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(works))
+
+    def run(work):
+        barrier.wait()
+        try:
+            work()
+        except BaseException as error:  # reported by the caller's assertion
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(work,)) for work in works]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors
+
+
+def test_fusing_and_removing_from_several_threads_on_one_block_is_safe(tiny, batch):
+    """Threads attach and remove fusions of both approaches on one block, with and without a forward running."""
+    before = snapshot(tiny)
+    with torch.no_grad():
+        plain = tiny(**batch).last_hidden_state
+
+    def fuse_and_remove(index, kinds):
+        def work():
+            for step in range(100):
+                approach, positions = ("hook", "layer")[(index + step) % 2], kinds[step % len(kinds)]
+                layerfuse.fuse(tiny, torch.zeros(H), layer=2, approach=approach, positions=positions).remove()
+
+        return work
+
+    def forwards():
+        with torch.no_grad():
+            for _ in range(20):
+                assert torch.equal(tiny(**batch).last_hidden_state, plain)
+
+    assert race([fuse_and_remove(index, ["all", "tokens", "last"]) for index in range(3)]) == []
+    assert race([fuse_and_remove(index, ["all", [0, -1]]) for index in range(3)] + [forwards]) == []
+    assert_unchanged(tiny, before)

@@ -7,6 +7,8 @@ True
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class LayerfuseError(Exception):
     """Base class of every error layerfuse raises on purpose."""
@@ -73,3 +75,15 @@ def positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ArgumentValueError(f"{name} must be a positive int, got {value}")
     return value
+
+
+COPY_REFUSED = (
+    "cannot pickle or deep-copy a model while a layerfuse fusion is attached to it (a copy cannot take the "
+    "fusion along): remove the fusion first (fusion.remove(), or leave its with-block), or copy "
+    "model.state_dict() instead"
+)
+
+
+def refuse_copy(*_: object) -> NoReturn:
+    """Refuse to pickle or deep-copy: the `__reduce_ex__` and `__deepcopy__` of what a fusion puts on a model."""
+    raise FusionStateError(COPY_REFUSED)

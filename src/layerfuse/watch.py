@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, FusionStateError
+from .errors import ArchitectureError, FusionStateError, refuse_copy
 
 
 def attention_mask_index(model: nn.Module) -> int:
@@ -43,6 +44,8 @@ def attention_mask_index(model: nn.Module) -> int:
 _NONE = object()
 _KEY = "_layerfuse_forward"
 """Where a model's `__dict__` keeps its `WatchedForward`; `_NONE` stands for "no forward on the instance"."""
+_LOCK = threading.Lock()
+"""Held while a watch is put on or taken off a model; never in a forward."""
 
 
 class WatchedForward:
@@ -71,14 +74,7 @@ class WatchedForward:
             for watch in watches:
                 watch.exit()
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        raise FusionStateError(
-            "cannot pickle or deep-copy a model while a layerfuse fusion watches its forward: remove the "
-            "fusion first (fusion.remove(), or leave its with-block), or save model.state_dict() instead"
-        )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return self.__reduce_ex__(4)
+    __reduce_ex__ = __deepcopy__ = refuse_copy
 
 
 class ForwardWatch:
@@ -93,11 +89,12 @@ class ForwardWatch:
         self.direct = False
         self.in_order = 0
         self._outer: list[tuple[torch.Tensor | None, int, bool]] = []
-        watched = model.__dict__.get(_KEY)
-        if watched is None or model.__dict__.get("forward") is not watched:
-            watched = WatchedForward(model)
-            model.__dict__["forward"] = model.__dict__[_KEY] = watched
-        watched.watches.append(self)
+        with _LOCK:
+            watched = model.__dict__.get(_KEY)
+            if watched is None or model.__dict__.get("forward") is not watched:
+                watched = WatchedForward(model)
+                model.__dict__["forward"] = model.__dict__[_KEY] = watched
+            watched.watches.append(self)
         self._watched: WatchedForward | None = watched
 
     def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, direct: bool = False) -> None:
@@ -140,18 +137,19 @@ class ForwardWatch:
 
     def remove(self) -> None:
         """Stop watching, restoring the model's forward once no watch is left; calling it again does nothing."""
-        watched, self._watched = self._watched, None
-        if watched is None:
-            return
-        watched.watches.remove(self)
-        model = self.model
-        if not watched.watches:
-            watched.handle.remove()
-        if not watched.watches and model.__dict__.get("forward") is watched:
-            if watched.previous is _NONE:
-                del model.__dict__["forward"]
-            else:
-                model.__dict__["forward"] = watched.previous
-            if model.__dict__.get(_KEY) is watched:
-                del model.__dict__[_KEY]
+        with _LOCK:
+            watched, self._watched = self._watched, None
+            if watched is None:
+                return
+            watched.watches.remove(self)
+            model = self.model
+            if not watched.watches:
+                watched.handle.remove()
+            if not watched.watches and model.__dict__.get("forward") is watched:
+                if watched.previous is _NONE:
+                    del model.__dict__["forward"]
+                else:
+                    model.__dict__["forward"] = watched.previous
+                if model.__dict__.get(_KEY) is watched:
+                    del model.__dict__[_KEY]
         self.mask = None
