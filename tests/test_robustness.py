@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 import layerfuse
 from conftest import POSITIONS, TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
+from layerfuse.methods import METHODS, method_names, register_method
 from reference import bert_forward, chosen_positions, fixed_formula
 
 H = TINY["hidden_size"]
@@ -290,4 +291,92 @@ def test_fusing_and_removing_from_several_threads_on_one_block_is_safe(tiny, bat
 
     assert race([fuse_and_remove(index, ["all", "tokens", "last"]) for index in range(3)]) == []
     assert race([fuse_and_remove(index, ["all", [0, -1]]) for index in range(3)] + [forwards]) == []
+    assert_unchanged(tiny, before)
+
+
+class Shift(layerfuse.Method):
+    def forward(self, hidden, info):
+        return hidden + info
+
+
+BAD_CALLS = {
+    "a name that is no string": (
+        lambda model: register_method(3)(Shift),
+        layerfuse.ArgumentTypeError,
+        "takes a name and a tuple of aliases, non-empty distinct strings, got 3",
+    ),
+    "aliases as one string": (
+        lambda model: register_method("shift_test", aliases="sh")(Shift),
+        layerfuse.ArgumentTypeError,
+        "got 'shift_test' and 'sh'",
+    ),
+    "an empty name": (lambda model: register_method("")(Shift), layerfuse.ArgumentTypeError, "non-empty"),
+    "a name twice": (
+        lambda model: register_method("shift_test", aliases=("shift_test",))(Shift),
+        layerfuse.ArgumentTypeError,
+        "distinct",
+    ),
+    "a class registered twice": (
+        lambda model: register_method("add_again")(layerfuse.Addition),
+        layerfuse.ArgumentValueError,
+        "Addition is already registered as 'addition': give it aliases there, or register a subclass",
+    ),
+    "an info_layout that is no string": (
+        lambda model: register_method("shift_test")(type("Listed", (Shift,), {"info_layout": ["vector"]})),
+        layerfuse.ArgumentValueError,
+        r"Listed.info_layout is \['vector'\]: use one of 'vector'",
+    ),
+    "fuse_many of a number": (
+        lambda model: layerfuse.fuse_many(model, 5),
+        layerfuse.ArgumentTypeError,
+        r"fuse_many takes a list of \(FusionConfig, info\) pairs, got a int",
+    ),
+    "fuse_many of a mapping": (
+        lambda model: layerfuse.fuse_many(model, {layerfuse.FusionConfig(layer=1): torch.ones(H)}),
+        layerfuse.ArgumentTypeError,
+        "pairs, got a dict",
+    ),
+    "fuse_many of a string": (
+        lambda model: layerfuse.fuse_many(model, "layer=1"),
+        layerfuse.ArgumentTypeError,
+        "got a str",
+    ),
+    "train for 1.5 epochs": (
+        lambda model: train_film(model, epochs=1.5),
+        layerfuse.ArgumentTypeError,
+        "epochs must be a positive int, got float 1.5",
+    ),
+    "train at lr nan": (
+        lambda model: train_film(model, lr=float("nan")),
+        layerfuse.ArgumentValueError,
+        "lr must be a positive finite number, got nan",
+    ),
+    "train at a negative lr": (
+        lambda model: train_film(model, lr=-0.1),
+        layerfuse.ArgumentValueError,
+        "lr must be a positive finite number, got -0.1",
+    ),
+    "train at lr zero": (lambda model: train_film(model, lr=0), layerfuse.ArgumentValueError, "got 0"),
+    "train at a string lr": (
+        lambda model: train_film(model, lr="0.1"),
+        layerfuse.ArgumentTypeError,
+        "lr must be a positive finite number, got str '0.1'",
+    ),
+}
+
+
+def train_film(model, **arguments):
+    """Train a fresh film fusion of `model` with `arguments`; the fusion is removed after, whatever happens."""
+    with layerfuse.fuse(model, torch.randn(5), layer=1, method="film") as fusion:
+        batches = [(padded_batch(), None, None)]
+        return layerfuse.train(fusion, batches, loss=lambda out, _: out.last_hidden_state.sum(), **arguments)
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_arguments_to_the_api_get_a_layerfuse_error_and_change_nothing(tiny, case):
+    call, kind, message = BAD_CALLS[case]
+    before, methods = snapshot(tiny), dict(METHODS)
+    with pytest.raises(kind, match=message):
+        call(tiny)
+    assert METHODS == methods and "shift_test" not in method_names()
     assert_unchanged(tiny, before)

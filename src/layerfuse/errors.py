@@ -7,6 +7,7 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import NoReturn
 
 
@@ -75,6 +76,21 @@ def positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ArgumentValueError(f"{name} must be a positive int, got {value}")
     return value
+
+
+def positive_number(name: str, value: object) -> float:
+    """`value` as a float if it is a positive finite real number, else the error that says so.
+
+    >>> positive_number("lr", float("nan"))
+    Traceback (most recent call last):
+    ...
+    layerfuse.errors.ArgumentValueError: lr must be a positive finite number, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ArgumentValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
 
 
 COPY_REFUSED = (

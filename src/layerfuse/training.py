@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArgumentValueError, positive_int
+from .errors import ArgumentValueError, positive_int, positive_number
 from .fusion import Fusion
 
 Batch = tuple[dict[str, torch.Tensor], "torch.Tensor | None", Any]
@@ -45,6 +45,7 @@ def train(
             "to train: use a learned method such as film, gate, concat or cross_attention"
         )
     positive_int("epochs", epochs)
+    positive_number("lr", lr)
     model = fusion.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=lr)
