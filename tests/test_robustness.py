@@ -380,3 +380,21 @@ def test_bad_arguments_to_the_api_get_a_layerfuse_error_and_change_nothing(tiny,
         call(tiny)
     assert METHODS == methods and "shift_test" not in method_names()
     assert_unchanged(tiny, before)
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_forwards_in_several_threads_each_see_their_own_attention_mask(tiny, approach):
+    """Each thread's forward fuses the real tokens of its own batch, while the others run theirs."""
+    batches = [padded_batch(lengths, seed=index) for index, lengths in enumerate([(7, 4, 2), (2, 7, 5), (3, 3, 7)])]
+    with torch.no_grad(), layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach, positions="tokens"):
+        wanted = [tiny(**batch).last_hidden_state for batch in batches]
+
+        def forwards(batch, want):
+            def work():
+                with torch.no_grad():
+                    for _ in range(15):
+                        assert torch.equal(tiny(**batch).last_hidden_state, want)
+
+            return work
+
+        assert race([forwards(batch, want) for batch, want in zip(batches, wanted)]) == []
