@@ -3,7 +3,11 @@ unchanged; a thousand fuse/forward/remove cycles, most ending in an exception, l
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
+import sys
+import threading
 import tracemalloc
 import weakref
 from collections import Counter
@@ -16,7 +20,8 @@ from hypothesis import strategies as st
 from torch.utils.hooks import RemovableHandle
 
 import layerfuse
-from conftest import TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
+from conftest import POSITIONS, TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
+from layerfuse.methods import METHODS, method_names, register_method
 from reference import bert_forward, chosen_positions, fixed_formula
 
 H = TINY["hidden_size"]
@@ -199,3 +204,197 @@ def test_after_the_cycles_the_model_computes_as_before(approach):
         for index in range(50):
             cycle(model, batch, index)
         assert torch.equal(model(**batch).last_hidden_state, plain)
+
+
+INFOS = {"shared": torch.ones(H), "per-example": torch.ones(3, H)}
+
+
+def structure(model):
+    """Each module's name, class, instance attributes and numbers of hooks: what a copy must have of the original."""
+    return [
+        (name, type(module), sorted(module.__dict__), len(module._forward_hooks), len(module._forward_pre_hooks))
+        for name, module in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("positions, info", [(name, "shared") for name in POSITIONS] + [("all", "per-example")])
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_a_fused_model_refuses_copies_and_copies_as_plain_once_removed(batch, approach, positions, info):
+    # Not run with output_hidden_states: transformers' capture hooks, installed then, are local functions,
+    # which no model pickles with.
+    tiny = tiny_bert()
+    before, plain_structure = snapshot(tiny), structure(tiny)
+    with torch.no_grad():
+        plain = tiny(**batch).last_hidden_state
+        with layerfuse.fuse(tiny, INFOS[info], layer=2, approach=approach, positions=POSITIONS[positions]):
+            fused = tiny(**batch).last_hidden_state
+            for copy_of in (copy.deepcopy, pickle.dumps):
+                for what in (tiny, tiny.encoder.layer[1]):
+                    with pytest.raises(
+                        layerfuse.FusionStateError, match=r"remove the fusion first.*model\.state_dict\(\)"
+                    ):
+                        copy_of(what)
+            assert torch.equal(tiny(**batch).last_hidden_state, fused)
+        assert not torch.equal(fused, plain)
+        assert_unchanged(tiny, before)
+        for twin in (copy.deepcopy(tiny), pickle.loads(pickle.dumps(tiny))):
+            assert structure(twin) == plain_structure
+            assert torch.equal(twin(**batch).last_hidden_state, plain)
+            with layerfuse.fuse(twin, INFOS[info], layer=2, approach=approach, positions=POSITIONS[positions]):
+                assert torch.equal(twin(**batch).last_hidden_state, fused)
+            assert torch.equal(twin(**batch).last_hidden_state, plain)
+
+
+def race(works):
+    """Run each function in a thread of its own, all started at once and switching often; return what they raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(works))
+
+    def run(work):
+        barrier.wait()
+        try:
+            work()
+        except BaseException as error:  # reported by the caller's assertion
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(work,)) for work in works]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors
+
+
+def test_fusing_and_removing_from_several_threads_on_one_block_is_safe(tiny, batch):
+    """Threads attach and remove fusions of both approaches on one block, with and without a forward running."""
+    before = snapshot(tiny)
+    with torch.no_grad():
+        plain = tiny(**batch).last_hidden_state
+
+    def fuse_and_remove(index, kinds):
+        def work():
+            for step in range(100):
+                approach, positions = ("hook", "layer")[(index + step) % 2], kinds[step % len(kinds)]
+                layerfuse.fuse(tiny, torch.zeros(H), layer=2, approach=approach, positions=positions).remove()
+
+        return work
+
+    def forwards():
+        with torch.no_grad():
+            for _ in range(20):
+                assert torch.equal(tiny(**batch).last_hidden_state, plain)
+
+    assert race([fuse_and_remove(index, ["all", "tokens", "last"]) for index in range(3)]) == []
+    assert race([fuse_and_remove(index, ["all", [0, -1]]) for index in range(3)] + [forwards]) == []
+    assert_unchanged(tiny, before)
+
+
+class Shift(layerfuse.Method):
+    def forward(self, hidden, info):
+        return hidden + info
+
+
+BAD_CALLS = {
+    "a name that is no string": (
+        lambda model: register_method(3)(Shift),
+        layerfuse.ArgumentTypeError,
+        "takes a name and a tuple of aliases, non-empty distinct strings, got 3",
+    ),
+    "aliases as one string": (
+        lambda model: register_method("shift_test", aliases="sh")(Shift),
+        layerfuse.ArgumentTypeError,
+        "got 'shift_test' and 'sh'",
+    ),
+    "an empty name": (lambda model: register_method("")(Shift), layerfuse.ArgumentTypeError, "non-empty"),
+    "a name twice": (
+        lambda model: register_method("shift_test", aliases=("shift_test",))(Shift),
+        layerfuse.ArgumentTypeError,
+        "distinct",
+    ),
+    "a class registered twice": (
+        lambda model: register_method("add_again")(layerfuse.Addition),
+        layerfuse.ArgumentValueError,
+        "Addition is already registered as 'addition': give it aliases there, or register a subclass",
+    ),
+    "an info_layout that is no string": (
+        lambda model: register_method("shift_test")(type("Listed", (Shift,), {"info_layout": ["vector"]})),
+        layerfuse.ArgumentValueError,
+        r"Listed.info_layout is \['vector'\]: use one of 'vector'",
+    ),
+    "fuse_many of a number": (
+        lambda model: layerfuse.fuse_many(model, 5),
+        layerfuse.ArgumentTypeError,
+        r"fuse_many takes a list of \(FusionConfig, info\) pairs, got a int",
+    ),
+    "fuse_many of a mapping": (
+        lambda model: layerfuse.fuse_many(model, {layerfuse.FusionConfig(layer=1): torch.ones(H)}),
+        layerfuse.ArgumentTypeError,
+        "pairs, got a dict",
+    ),
+    "fuse_many of a string": (
+        lambda model: layerfuse.fuse_many(model, "layer=1"),
+        layerfuse.ArgumentTypeError,
+        "got a str",
+    ),
+    "train for 1.5 epochs": (
+        lambda model: train_film(model, epochs=1.5),
+        layerfuse.ArgumentTypeError,
+        "epochs must be a positive int, got float 1.5",
+    ),
+    "train at lr nan": (
+        lambda model: train_film(model, lr=float("nan")),
+        layerfuse.ArgumentValueError,
+        "lr must be a positive finite number, got nan",
+    ),
+    "train at a negative lr": (
+        lambda model: train_film(model, lr=-0.1),
+        layerfuse.ArgumentValueError,
+        "lr must be a positive finite number, got -0.1",
+    ),
+    "train at lr zero": (lambda model: train_film(model, lr=0), layerfuse.ArgumentValueError, "got 0"),
+    "train at a string lr": (
+        lambda model: train_film(model, lr="0.1"),
+        layerfuse.ArgumentTypeError,
+        "lr must be a positive finite number, got str '0.1'",
+    ),
+}
+
+
+def train_film(model, **arguments):
+    """Train a fresh film fusion of `model` with `arguments`; the fusion is removed after, whatever happens."""
+    with layerfuse.fuse(model, torch.randn(5), layer=1, method="film") as fusion:
+        batches = [(padded_batch(), None, None)]
+        return layerfuse.train(fusion, batches, loss=lambda out, _: out.last_hidden_state.sum(), **arguments)
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_arguments_to_the_api_get_a_layerfuse_error_and_change_nothing(tiny, case):
+    call, kind, message = BAD_CALLS[case]
+    before, methods = snapshot(tiny), dict(METHODS)
+    with pytest.raises(kind, match=message):
+        call(tiny)
+    assert METHODS == methods and "shift_test" not in method_names()
+    assert_unchanged(tiny, before)
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_forwards_in_several_threads_each_see_their_own_attention_mask(tiny, approach):
+    """Each thread's forward fuses the real tokens of its own batch, while the others run theirs."""
+    batches = [padded_batch(lengths, seed=index) for index, lengths in enumerate([(7, 4, 2), (2, 7, 5), (3, 3, 7)])]
+    with torch.no_grad(), layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach, positions="tokens"):
+        wanted = [tiny(**batch).last_hidden_state for batch in batches]
+
+        def forwards(batch, want):
+            def work():
+                with torch.no_grad():
+                    for _ in range(15):
+                        assert torch.equal(tiny(**batch).last_hidden_state, want)
+
+            return work
+
+        assert race([forwards(batch, want) for batch, want in zip(batches, wanted)]) == []

@@ -13,6 +13,11 @@ module, the fusions of its input and of its output, applied in the order they we
 
 On a module fused by both, the custom layer's fusions come first (they run inside `forward`).
 
+Fusions may be attached and removed from several threads: the bookkeeping is changed under a lock
+(never taken in a forward), and a forward sees the fusions of a module as they were before or after
+a change, never half-way. While a fusion is attached, pickling or deep-copying the model is refused
+(`FusionStateError`): a copy would share the fusion's state, or lose it.
+
 >>> sorted(APPROACHES)
 ['hook', 'layer']
 """
@@ -20,7 +25,8 @@ On a module fused by both, the custom layer's fusions come first (they run insid
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import FusionStateError
+from .errors import refuse_copy
 
 if TYPE_CHECKING:
     from .fusion import ForwardState, Fusion
@@ -39,22 +45,38 @@ Arguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 @dataclass
 class _Attached:
-    """The fusions one approach applies at one module, by point, in the order they were attached."""
+    """The fusions one approach applies at one module, by point, in the order they were attached.
 
-    input: list[Fusion] = field(default_factory=list)
-    output: list[Fusion] = field(default_factory=list)
+    The tuples are replaced, never changed in place, so that a forward in another thread reads them whole.
+    It refuses pickling and deep copies, and so does every module and model that holds it.
+    """
+
+    input: tuple[Fusion, ...] = ()
+    output: tuple[Fusion, ...] = ()
     handles: dict[str, RemovableHandle] = field(default_factory=dict)
     original: type[nn.Module] | None = None
     instance_forward: Callable[..., Any] | None = None
 
+    def fuse_input_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
+        return fuse_inputs(self.input, args, kwargs)
 
-def fuse_inputs(fusions: list[Fusion], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
+    def fuse_output_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        return fuse_outputs(self.output, output)
+
+    __reduce_ex__ = __deepcopy__ = refuse_copy
+
+
+_LOCK = threading.Lock()
+"""Held while a fusion is attached to or removed from a module's bookkeeping; never in a forward."""
+
+
+def fuse_inputs(fusions: Sequence[Fusion], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
     for fusion in fusions:
         args, kwargs = fusion.fuse_input(args, kwargs)
     return args, kwargs
 
 
-def fuse_outputs(fusions: list[Fusion], output: Any, states: dict[Fusion, ForwardState] | None = None) -> Any:
+def fuse_outputs(fusions: Sequence[Fusion], output: Any, states: dict[Fusion, ForwardState] | None = None) -> Any:
     for fusion in fusions:
         output = fusion.fuse_output(output, None if states is None else states[fusion])
     return output
@@ -76,21 +98,33 @@ def _attach(
     install: Callable[[_Attached, str], None],
     uninstall: Callable[[_Attached, str], None],
 ) -> Detach:
-    attached = module.__dict__.get(key)
-    if attached is None:
-        attached = module.__dict__[key] = _Attached()
     point = fusion.site.point
-    fusions = getattr(attached, point)
-    if not fusions:
-        install(attached, point)
-    fusions.append(fusion)
+
+    def forget_if_empty(attached: _Attached) -> None:
+        if not attached.input and not attached.output and attached.original is None:
+            if module.__dict__.get(key) is attached:
+                del module.__dict__[key]
+
+    with _LOCK:
+        attached = module.__dict__.get(key)
+        if attached is None:
+            attached = module.__dict__[key] = _Attached()
+        if not getattr(attached, point):
+            try:
+                install(attached, point)
+            except BaseException:
+                forget_if_empty(attached)
+                raise
+        setattr(attached, point, (*getattr(attached, point), fusion))
 
     def detach() -> None:
-        fusions.remove(fusion)
-        if not fusions:
-            uninstall(attached, point)
-        if not attached.input and not attached.output and attached.original is None:
-            del module.__dict__[key]
+        with _LOCK:
+            fusions = list(getattr(attached, point))
+            fusions.remove(fusion)
+            setattr(attached, point, tuple(fusions))
+            if not fusions:
+                uninstall(attached, point)
+            forget_if_empty(attached)
 
     return detach
 
@@ -100,28 +134,16 @@ def attach_hook(module: nn.Module, fusion: Fusion) -> Detach:
 
     def install(attached: _Attached, point: str) -> None:
         if point == "input":
-            fusions = attached.input
             attached.handles[point] = module.register_forward_pre_hook(
-                lambda _, args, kwargs: fuse_inputs(fusions, args, kwargs), prepend=True, with_kwargs=True
+                attached.fuse_input_hook, prepend=True, with_kwargs=True
             )
         else:
-            fusions = attached.output
-            attached.handles[point] = module.register_forward_hook(
-                lambda _, args, output: fuse_outputs(fusions, output), prepend=True
-            )
+            attached.handles[point] = module.register_forward_hook(attached.fuse_output_hook, prepend=True)
 
     def uninstall(attached: _Attached, point: str) -> None:
         attached.handles.pop(point).remove()
 
     return _attach("_layerfuse_hook", module, fusion, install, uninstall)
-
-
-def _refuse_pickle(self: nn.Module, protocol: int) -> Any:
-    raise FusionStateError(
-        f"cannot pickle or deep-copy a {type(self).__name__} while a layerfuse fusion changes its "
-        "forward: remove the fusion first (fusion.remove(), or leave its with-block), "
-        "or save model.state_dict() instead"
-    )
 
 
 @functools.cache
@@ -141,12 +163,18 @@ def _fused_class(cls: type[nn.Module]) -> type[nn.Module]:
         states = kwargs.pop(_STATES, None)
         inner = attached.instance_forward
         output = inner(*args, **kwargs) if inner is not None else cls.forward(self, *args, **kwargs)
-        return fuse_outputs(attached.output, output, states)
+        return fuse_outputs(attached.output if states is None else tuple(states), output, states)
 
     return type(
         f"Fused{cls.__name__}",
         (cls,),
-        {"__call__": __call__, "forward": forward, "__reduce_ex__": _refuse_pickle, "__module__": __name__},
+        {
+            "__call__": __call__,
+            "forward": forward,
+            "__reduce_ex__": refuse_copy,
+            "__deepcopy__": refuse_copy,
+            "__module__": __name__,
+        },
     )
 
 

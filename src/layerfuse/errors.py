@@ -7,6 +7,9 @@ True
 
 from __future__ import annotations
 
+import math
+from typing import NoReturn
+
 
 class LayerfuseError(Exception):
     """Base class of every error layerfuse raises on purpose."""
@@ -77,3 +80,30 @@ def positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ArgumentValueError(f"{name} must be a positive int, got {value}")
     return value
+
+
+def positive_number(name: str, value: object) -> float:
+    """`value` as a float if it is a positive finite real number, else the error that says so.
+
+    >>> positive_number("lr", float("nan"))
+    Traceback (most recent call last):
+    ...
+    layerfuse.errors.ArgumentValueError: lr must be a positive finite number, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ArgumentValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+COPY_REFUSED = (
+    "cannot pickle or deep-copy a model while a layerfuse fusion is attached to it (a copy cannot take the "
+    "fusion along): remove the fusion first (fusion.remove(), or leave its with-block), or copy "
+    "model.state_dict() instead"
+)
+
+
+def refuse_copy(*_: object) -> NoReturn:
+    """Refuse to pickle or deep-copy: the `__reduce_ex__` and `__deepcopy__` of what a fusion puts on a model."""
+    raise FusionStateError(COPY_REFUSED)

@@ -14,7 +14,7 @@ True
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -165,7 +165,11 @@ class Fusion:
         return merge_fusion(self)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back."""
+        """Write the fusion to `directory` (config JSON + safetensors); `load_fusion` reads it back.
+
+        The folder is created if needed; in an existing one, a fusion saved there before is replaced and
+        other files are left alone. A path that is a file is refused.
+        """
         from .saving import save_fusion
 
         return save_fusion(self, directory)
@@ -361,6 +365,8 @@ def fuse_many(model: nn.Module, fusions: Sequence[tuple[FusionConfig, torch.Tens
     ...     len(group)
     2
     """
+    if isinstance(fusions, (str, bytes, Mapping)) or not isinstance(fusions, Iterable):
+        raise ArgumentTypeError(f"fuse_many takes a list of (FusionConfig, info) pairs, got a {type(fusions).__name__}")
     pairs = list(fusions)
     for pair in pairs:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], FusionConfig)):

@@ -17,7 +17,6 @@ evaluation, checkpoints or several devices.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArgumentTypeError, ArgumentValueError, positive_int
+from .errors import ArgumentValueError, positive_int, positive_number
 from .fusion import Fusion
 
 Batch = tuple[dict[str, torch.Tensor], "torch.Tensor | None", Any]
@@ -58,10 +57,7 @@ def train(
     every Trainer does, it seeds Python's, NumPy's and torch's generators (with 42).
     """
     positive_int("epochs", epochs)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise ArgumentTypeError(f"lr must be a positive number, got {type(lr).__name__} {lr!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ArgumentValueError(f"lr must be a positive finite number, got {lr}")
+    positive_number("lr", lr)
     trainable_parameters(fusion)
     from transformers import TrainingArguments
 

@@ -5,7 +5,8 @@ fused module has run in it (for a block shared by several layers, as in ALBERT).
 is wrapped on the instance while a watch is on it, so the watch sees every forward however the model
 is called: `model(...)`, or `model.forward(...)` as sentence-transformers does. A fusion that needs
 the mask and runs outside a forward it saw (a module called on its own, or recomputed in backward)
-gets an error, never a guess.
+gets an error, never a guess. What a watch records is kept per thread, so forwards of the model in
+several threads at once each see their own.
 
 >>> from transformers import BertConfig, BertModel
 >>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, FusionStateError
+from .errors import ArchitectureError, FusionStateError, refuse_copy
 
 
 def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") -> int:
@@ -51,6 +54,8 @@ def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") 
 _NONE = object()
 _KEY = "_layerfuse_forward"
 """Where a model's `__dict__` keeps its `WatchedForward`; `_NONE` stands for "no forward on the instance"."""
+_LOCK = threading.Lock()
+"""Held while a watch is put on or taken off a model; never in a forward."""
 
 
 class WatchedForward:
@@ -62,14 +67,14 @@ class WatchedForward:
         functools.update_wrapper(self, inner)
         self.inner = inner
         self.watches: list[ForwardWatch] = []
-        self.called = False
+        self.thread = threading.local()
         self.handle = model.register_forward_pre_hook(self._called, prepend=True)
 
     def _called(self, *_: Any) -> None:
-        self.called = True
+        self.thread.called = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        direct, self.called = not self.called, False
+        direct, self.thread.called = not getattr(self.thread, "called", False), False
         watches = tuple(self.watches)
         for watch in watches:
             watch.enter(args, kwargs, direct=direct)
@@ -79,48 +84,66 @@ class WatchedForward:
             for watch in watches:
                 watch.exit()
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        raise FusionStateError(
-            "cannot pickle or deep-copy a model while a layerfuse fusion watches its forward: remove the "
-            "fusion first (fusion.remove(), or leave its with-block), or save model.state_dict() instead"
-        )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return self.__reduce_ex__(4)
+    __reduce_ex__ = __deepcopy__ = refuse_copy
 
 
-class ForwardWatch:
-    """Records, for each forward of `model`, its attention mask (`mask_name`) and a count of the fused module's calls."""
+class _ThreadState(threading.local):
+    """What a watch knows of the forward running in one thread."""
 
-    def __init__(self, model: nn.Module, *, needs_mask: bool, mask_name: str | None = "attention_mask") -> None:
-        self.index = attention_mask_index(model, mask_name) if needs_mask else None
-        self.mask_name = mask_name
-        self.model = model
+    def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
         self.calls = 0
         self.depth = 0
         self.direct = False
         self.in_order = 0
-        self._outer: list[tuple[torch.Tensor | None, int, bool]] = []
-        watched = model.__dict__.get(_KEY)
-        if watched is None or model.__dict__.get("forward") is not watched:
-            watched = WatchedForward(model)
-            model.__dict__["forward"] = model.__dict__[_KEY] = watched
-        watched.watches.append(self)
+        self.outer: list[tuple[torch.Tensor | None, int, bool]] = []
+
+
+def _per_thread(name: str) -> Any:
+    """An attribute of the watch whose value is the current thread's."""
+    return property(operator.attrgetter(f"_thread.{name}"), lambda self, value: setattr(self._thread, name, value))
+
+
+class ForwardWatch:
+    """Records, for each forward of `model`, its attention mask (`mask_name`) and a count of the fused module's calls.
+
+    `mask`, `calls` (of the fused module), `depth` (of nested forwards), `direct` (called as
+    `model.forward(...)`) and `in_order` are those of the current thread's forward.
+    """
+
+    mask = _per_thread("mask")
+    calls = _per_thread("calls")
+    depth = _per_thread("depth")
+    direct = _per_thread("direct")
+    in_order = _per_thread("in_order")
+
+    def __init__(self, model: nn.Module, *, needs_mask: bool, mask_name: str | None = "attention_mask") -> None:
+        self.index = attention_mask_index(model, mask_name) if needs_mask else None
+        self.mask_name = mask_name
+        self.model = model
+        self._thread = _ThreadState()
+        with _LOCK:
+            watched = model.__dict__.get(_KEY)
+            if watched is None or model.__dict__.get("forward") is not watched:
+                watched = WatchedForward(model)
+                model.__dict__["forward"] = model.__dict__[_KEY] = watched
+            watched.watches.append(self)
         self._watched: WatchedForward | None = watched
 
     def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, direct: bool = False) -> None:
         """A forward of the model starts with `args` and `kwargs`; `direct`: called as `model.forward(...)`."""
-        self._outer.append((self.mask, self.calls, self.direct))
-        self.depth += 1
-        self.calls, self.direct = 0, direct
+        state = self._thread
+        state.outer.append((state.mask, state.calls, state.direct))
+        state.depth += 1
+        state.calls, state.direct = 0, direct
         if self.index is not None:
-            self.mask = kwargs.get(self.mask_name, args[self.index] if len(args) > self.index else None)
+            state.mask = kwargs.get(self.mask_name, args[self.index] if len(args) > self.index else None)
 
     def exit(self) -> None:
         """The forward that started last has ended, or raised."""
-        self.mask, self.calls, self.direct = self._outer.pop()
-        self.depth -= 1
+        state = self._thread
+        state.mask, state.calls, state.direct = state.outer.pop()
+        state.depth -= 1
 
     def check_rows(self, batch_size: int) -> None:
         """Refuse per-example info where this forward's examples may not be in the info's order.
@@ -129,7 +152,8 @@ class ForwardWatch:
         sorting the texts by length, may hold the examples in any order; `model(...)`, or a caller that
         says it keeps the order (`in_order`), holds them as given.
         """
-        if self.depth and self.direct and not self.in_order:
+        state = self._thread
+        if state.depth and state.direct and not state.in_order:
             raise FusionStateError(
                 f"per-example info for {batch_size} examples is matched to a forward's examples by their order, and "
                 f"this forward of {type(self.model).__name__} was called as model.forward(...), as "
@@ -139,28 +163,30 @@ class ForwardWatch:
 
     def current_mask(self, what: str) -> torch.Tensor | None:
         """The attention mask of the forward running now (None: it was given none); an error outside a forward."""
-        if self.depth == 0:
+        state = self._thread
+        if state.depth == 0:
             raise FusionStateError(
                 f"{what} needs the attention mask of the current forward of {type(self.model).__name__}, but the "
                 "fused module ran outside one (called on its own, or recomputed by gradient checkpointing): call "
                 "the model itself, or fuse at positions that need no mask ('all', token indices or a mask)"
             )
-        return self.mask
+        return state.mask
 
     def remove(self) -> None:
         """Stop watching, restoring the model's forward once no watch is left; calling it again does nothing."""
-        watched, self._watched = self._watched, None
-        if watched is None:
-            return
-        watched.watches.remove(self)
-        model = self.model
-        if not watched.watches:
-            watched.handle.remove()
-        if not watched.watches and model.__dict__.get("forward") is watched:
-            if watched.previous is _NONE:
-                del model.__dict__["forward"]
-            else:
-                model.__dict__["forward"] = watched.previous
-            if model.__dict__.get(_KEY) is watched:
-                del model.__dict__[_KEY]
+        with _LOCK:
+            watched, self._watched = self._watched, None
+            if watched is None:
+                return
+            watched.watches.remove(self)
+            model = self.model
+            if not watched.watches:
+                watched.handle.remove()
+            if not watched.watches and model.__dict__.get("forward") is watched:
+                if watched.previous is _NONE:
+                    del model.__dict__["forward"]
+                else:
+                    model.__dict__["forward"] = watched.previous
+                if model.__dict__.get(_KEY) is watched:
+                    del model.__dict__[_KEY]
         self.mask = None

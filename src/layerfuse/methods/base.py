@@ -86,18 +86,32 @@ _ALIASES: dict[str, str] = {}
 
 
 def register_method(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[M], M]:
-    """Class decorator that makes a `Method` subclass available as `fuse(method=name)`."""
+    """Class decorator that makes a `Method` subclass available as `fuse(method=name)`, and by its `aliases`.
+
+    Everything is checked before the registry changes: the names (non-empty strings, none taken), the
+    class (a `Method` subclass not registered yet) and its `info_layout`.
+    """
+    names = (name, *aliases) if isinstance(aliases, (tuple, list)) else None
+    if names is None or not all(isinstance(n, str) and n for n in names) or len(set(names)) < len(names):
+        raise ArgumentTypeError(
+            f"register_method takes a name and a tuple of aliases, non-empty distinct strings, got {name!r} and {aliases!r}"
+        )
 
     def register(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise ArgumentTypeError(f"register_method decorates a layerfuse.Method subclass, got {cls!r}")
-        if cls.info_layout not in LAYOUTS:
+        taken = [n for n in names if n in METHODS or n in _ALIASES]
+        if taken:
+            raise ArgumentValueError(f"method name {taken[0]!r} is already registered: choose another name")
+        if cls in METHODS.values():
+            raise ArgumentValueError(
+                f"{cls.__name__} is already registered as {cls.method_name!r}: give it aliases there, or "
+                "register a subclass under the new name"
+            )
+        if not isinstance(cls.info_layout, str) or cls.info_layout not in LAYOUTS:
             raise ArgumentValueError(
                 f"{cls.__name__}.info_layout is {cls.info_layout!r}: use one of {', '.join(map(repr, LAYOUTS))}"
             )
-        taken = [n for n in (name, *aliases) if n in METHODS or n in _ALIASES]
-        if taken:
-            raise ArgumentValueError(f"method name {taken[0]!r} is already registered: choose another name")
         METHODS[name] = cls
         _ALIASES.update({alias: name for alias in aliases})
         cls.method_name = name
