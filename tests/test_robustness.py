@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 import layerfuse
 from conftest import POSITIONS, TINY, assert_unchanged, padded_batch, snapshot, tiny_bert
 from layerfuse.methods import METHODS, method_names, register_method
-from reference import bert_forward, chosen_positions, fixed_formula
+from reference import bert_forward, bert_forward_with_sublayer_edit, chosen_positions, fixed_formula
 
 H = TINY["hidden_size"]
 BLOCKS = TINY["num_hidden_layers"]
@@ -48,8 +48,37 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.complex64]
 METHOD_ARGUMENTS = {"addition": ["alpha"], "multiplication": [], "interpolate": ["alpha"], "clamp": ["value"]}
+MODULE_SITES = {
+    f"encoder.layer.{BLOCKS - 1}": ("output", BLOCKS),
+    "encoder.layer.0.output.LayerNorm": ("output", 1),
+    "encoder.layer.1.output.dense": ("mlp", 2),
+    "encoder.layer.0.attention.output.dense": ("attention", 1),
+    "encoder.layer": None,
+    "encoder": None,
+    "no.such.module": None,
+}
+"""Modules a site may name, with the block site each one is (None: not a site that holds hidden states)."""
+KINDS = ["dense", "dense", "dense", "non-contiguous", "sparse", "meta", "float8", "requires grad"]
+ARGUMENTS = st.one_of(
+    st.floats(-2, 2), st.sampled_from([1e39, -1e39, 10**400, float("nan"), float("inf"), True, "1", None])
+)
+
+
+def info_of_kind(info: torch.Tensor, kind: str) -> torch.Tensor:
+    """`info` as another kind of tensor with the same values (where the kind can hold them)."""
+    if kind == "non-contiguous":
+        return info.mT.contiguous().mT if info.ndim >= 2 else info.repeat(2)[::2]
+    if kind == "sparse":
+        return info.to_sparse()
+    if kind == "meta":
+        return info.to("meta")
+    if kind == "float8":
+        return info.to(torch.float8_e4m3fn) if info.is_floating_point() else info
+    if kind == "requires grad":
+        return info.clone().requires_grad_(info.is_floating_point())
+    return info
 
 
 @st.composite
@@ -77,11 +106,17 @@ def calls(draw):
         )
     )
     method = draw(st.sampled_from(sorted(METHOD_ARGUMENTS)))
-    arguments = {name: draw(st.floats(-2, 2)) for name in METHOD_ARGUMENTS[method]}
+    arguments = {name: draw(st.floats(-2, 2) | ARGUMENTS) for name in METHOD_ARGUMENTS[method]}
+    site = draw(st.sampled_from(["output"] * 6 + ["input", "attention", "mlp", "embeddings", *MODULE_SITES]))
+    layer = draw(st.integers(-BLOCKS - 2, BLOCKS + 1))
+    kind = draw(st.sampled_from(KINDS))
+    event(f"info {kind}")
     return {
         "batch": padded_batch(lengths, seed=draw(st.integers(0, 100))),
         "info": info,
-        "layer": draw(st.integers(-BLOCKS - 2, BLOCKS + 1)),
+        "given": info_of_kind(info, kind),
+        "layer": None if site in MODULE_SITES else 0 if site == "embeddings" else layer,
+        "site": site,
         "method": method,
         "arguments": arguments,
         "approach": draw(st.sampled_from(["hook", "layer"])),
@@ -90,7 +125,7 @@ def calls(draw):
 
 
 def expected_states(call):
-    """tests/reference.py's forward with the method's formula at the chosen positions."""
+    """tests/reference.py's forward with the method's formula at the chosen positions, at the call's site."""
     formula = fixed_formula(call["method"], call["arguments"])
     chosen = chosen_positions(call["positions"], call["batch"]["attention_mask"])[..., None]
 
@@ -99,7 +134,12 @@ def expected_states(call):
         info = info[:, None, :] if info.ndim == 2 else info
         return torch.where(chosen, formula(hidden, info), hidden)
 
-    return bert_forward(MODEL, call["batch"], layer=call["layer"] % (BLOCKS + 1), edit=edit)
+    site, layer = call["site"], call["layer"]
+    if site in MODULE_SITES:
+        site, layer = MODULE_SITES[site]
+    if site in ("output", "embeddings"):
+        return bert_forward(MODEL, call["batch"], layer=layer % (BLOCKS + 1), edit=edit)
+    return bert_forward_with_sublayer_edit(MODEL, call["batch"], layer=layer % (BLOCKS + 1), site=site, edit=edit)
 
 
 @settings(
@@ -113,8 +153,9 @@ def test_every_call_gives_the_reference_result_or_a_layerfuse_error(call):
             torch.no_grad(),
             layerfuse.fuse(
                 MODEL,
-                call["info"],
+                call["given"],
                 layer=call["layer"],
+                site=call["site"],
                 method=call["method"],
                 approach=call["approach"],
                 positions=call["positions"],
@@ -126,9 +167,12 @@ def test_every_call_gives_the_reference_result_or_a_layerfuse_error(call):
         event(type(error).__name__)
     else:
         event("reference result")
+        assert MODULE_SITES.get(call["site"], ()) is not None, f"site {call['site']!r} holds no hidden states"
         with torch.no_grad():
             expected = expected_states(call)
-        for got, want in zip(states, expected):
+        # hidden_states reports a block's input as the state before it, fused or not: compare from the block on.
+        start = call["layer"] % (BLOCKS + 1) if call["site"] == "input" else 0
+        for got, want in zip(states[start:], expected[start:]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert_unchanged(MODEL, before)
 

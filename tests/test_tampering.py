@@ -213,6 +213,24 @@ def test_a_changed_fusion_config_loads_as_it_says_or_is_refused(name, data):
         shutil.rmtree(folder.parent)
 
 
+@pytest.mark.parametrize("name", SAVED)
+@TAMPER
+@given(data=st.data())
+def test_a_flipped_bit_in_the_tensors_gives_the_original_result_or_is_refused(name, data):
+    folder = Path(tempfile.mkdtemp()) / "fusion"
+    shutil.copytree(FOLDERS[name], folder)
+    tensors = bytearray((folder / "fusion.safetensors").read_bytes())
+    header = 8 + int.from_bytes(tensors[:8], "little")
+    byte = data.draw(st.one_of(st.integers(header, len(tensors) - 1), st.integers(0, len(tensors) - 1)))
+    tensors[byte] ^= 1 << data.draw(st.integers(0, 7))
+    event("in the header" if byte < header else "in the data")
+    (folder / "fusion.safetensors").write_bytes(bytes(tensors))
+    try:
+        check_load(folder, name, None)
+    finally:
+        shutil.rmtree(folder.parent)
+
+
 # Partial run folders
 
 
