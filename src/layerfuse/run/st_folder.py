@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArchitectureError, FileFormatError
+from ..paths import check_readable
 from .pooling import POOLINGS
 
 TRANSFORMER_CONFIGS = tuple(
@@ -133,6 +134,8 @@ def read_st_folder(folder: str | os.PathLike[str]) -> SentenceTransformerFolder 
     Raises `ArchitectureError` for a folder whose embeddings the run cannot reproduce, saying why.
     """
     folder = Path(folder)
+    if folder.is_dir():
+        check_readable(folder, "the model folder")
     if not (folder / "modules.json").is_file():
         return None
     modules = _read(folder / "modules.json")
