@@ -49,14 +49,17 @@ def embedded_model_path() -> str:
 
 
 def transformer_of(model: nn.Module) -> nn.Module:
-    """What fusing `model` fuses: a sentence-transformers model's transformer (its first module's `auto_model`), else `model`.
+    """What fusing `model` fuses: a sentence-transformers model's transformer (its first module's `auto_model`),
+    a PEFT model's base model (`get_base_model()`, its adapters in place), else `model`.
 
-    sentence-transformers is recognised by its classes' module, without importing it.
+    Both libraries are recognised by their classes' module, without importing them.
 
     >>> transformer_of(nn.Linear(2, 2))
     Linear(in_features=2, out_features=2, bias=True)
     """
-    if not (isinstance(model, nn.Sequential) and _from_sentence_transformers(model)):
+    if _from_library(model, "peft") and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    if not (isinstance(model, nn.Sequential) and _from_library(model, "sentence_transformers")):
         return model
     first = model[0] if len(model) else None
     inner = getattr(first, "auto_model", None)
@@ -69,8 +72,8 @@ def transformer_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _from_sentence_transformers(model: nn.Module) -> bool:
-    return any(cls.__module__.split(".")[0] == "sentence_transformers" for cls in type(model).__mro__)
+def _from_library(model: nn.Module, library: str) -> bool:
+    return any(cls.__module__.split(".")[0] == library for cls in type(model).__mro__)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
