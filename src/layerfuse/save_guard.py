@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import FusionStateError
+from .errors import refuse_copy
 
 if TYPE_CHECKING:
     from .fusion import Fusion
@@ -60,14 +60,7 @@ class SaveGuard:
             stacklevel=3,
         )
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        raise FusionStateError(
-            "cannot pickle or deep-copy a model while a layerfuse fusion is attached to it: remove the fusion first "
-            "(fusion.remove(), or leave its with-block), or save model.state_dict() instead"
-        )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        return self.__reduce_ex__(4)
+    __reduce_ex__ = __deepcopy__ = refuse_copy
 
 
 def guard(fusion: Fusion) -> None:
