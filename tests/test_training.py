@@ -121,7 +121,7 @@ def test_train_is_adam_over_the_batches_in_order_every_epoch(capsys):
         ({"epochs": 0}, layerfuse.ArgumentValueError, "epochs must be a positive int"),
         ({"lr": float("nan")}, layerfuse.ArgumentValueError, "lr must be a positive finite number"),
         ({"lr": 0.0}, layerfuse.ArgumentValueError, "lr must be a positive finite number"),
-        ({"lr": True}, layerfuse.ArgumentTypeError, "lr must be a positive number"),
+        ({"lr": True}, layerfuse.ArgumentTypeError, "lr must be a positive finite number"),
     ],
 )
 def test_bad_arguments_are_refused_before_training(tiny, batch, changes, error, match):

@@ -19,6 +19,7 @@ False
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from .errors import refuse_copy
 if TYPE_CHECKING:
     from .fusion import Fusion
 
+_LOCK = threading.Lock()
+"""Held while a guard is put on or taken off a model, so that fusions attached and removed from several threads agree."""
 _NONE = object()
 _KEY = "_layerfuse_save_guard"
 """Where a model's `__dict__` keeps its `SaveGuard`; `_NONE` stands for "no save_pretrained on the instance"."""
@@ -68,25 +71,27 @@ def guard(fusion: Fusion) -> None:
     model = fusion.model
     if not callable(getattr(model, "save_pretrained", None)):
         return
-    current = model.__dict__.get(_KEY)
-    if current is None:
-        current = SaveGuard(model)
-        model.__dict__["save_pretrained"] = model.__dict__[_KEY] = current
-    current.fusions.append(fusion)
+    with _LOCK:
+        current = model.__dict__.get(_KEY)
+        if current is None:
+            current = SaveGuard(model)
+            model.__dict__["save_pretrained"] = model.__dict__[_KEY] = current
+        current.fusions.append(fusion)
 
 
 def unguard(fusion: Fusion) -> None:
     """Stop warning of `fusion`, restoring the model's `save_pretrained` once no fusion is left; idempotent."""
     model = fusion.model
-    current = model.__dict__.get(_KEY)
-    if current is None or fusion not in current.fusions:
-        return
-    current.fusions.remove(fusion)
-    if current.fusions:
-        return
-    if model.__dict__.get("save_pretrained") is current:
-        if current.previous is _NONE:
-            del model.__dict__["save_pretrained"]
-        else:
-            model.__dict__["save_pretrained"] = current.previous
-    del model.__dict__[_KEY]
+    with _LOCK:
+        current = model.__dict__.get(_KEY)
+        if current is None or fusion not in current.fusions:
+            return
+        current.fusions.remove(fusion)
+        if current.fusions:
+            return
+        if model.__dict__.get("save_pretrained") is current:
+            if current.previous is _NONE:
+                del model.__dict__["save_pretrained"]
+            else:
+                model.__dict__["save_pretrained"] = current.previous
+        del model.__dict__[_KEY]
