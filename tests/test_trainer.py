@@ -251,6 +251,24 @@ def test_import_layerfuse_imports_no_trainer_until_asked():
     assert result.stdout.split() == ["False", "False", "True"]
 
 
+ACCELERATE_MISSING = """
+import importlib.util
+find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] == "accelerate" else find(name, *a, **k)
+import layerfuse
+try:
+    layerfuse.FusionTrainer
+except layerfuse.ArgumentValueError as error:
+    print(error)
+"""
+"""A process in which accelerate cannot be found, asking for FusionTrainer."""
+
+
+def test_without_accelerate_the_trainer_says_which_extra_to_install():
+    result = subprocess.run([sys.executable, "-c", ACCELERATE_MISSING], capture_output=True, text=True, check=True)
+    assert "needs accelerate: pip install 'layerfuse[train]'" in result.stdout, result.stderr
+
+
 def test_the_readme_trainer_example_runs_and_saves_the_trained_fusion(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     code = re.search(r"### Saving and training.*?```python\n(.*?)```", readme, re.S).group(1)

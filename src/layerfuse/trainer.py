@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import operator
 import os
@@ -42,6 +43,12 @@ from .errors import ArgumentTypeError, ArgumentValueError, FusionStateError
 from .fusion import Fusion
 from .saving import load_fusion
 from .training import trainable_parameters
+
+if importlib.util.find_spec("accelerate") is None:
+    raise ArgumentValueError(
+        "FusionTrainer and layerfuse.train run the Hugging Face Trainer, which needs accelerate: "
+        "pip install 'layerfuse[train]'"
+    )
 
 
 class FusionModule(nn.Module):
