@@ -149,7 +149,9 @@ def attach_hook(module: nn.Module, fusion: Fusion) -> Detach:
 @functools.cache
 def _fused_class(cls: type[nn.Module]) -> type[nn.Module]:
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        attached = self.__dict__["_layerfuse_layer"]
+        attached = self.__dict__.get("_layerfuse_layer")
+        if attached is None:  # the last fusion was removed, by another thread, as this call began
+            return cls.__call__(self, *args, **kwargs)
         if attached.input:
             args, kwargs = fuse_inputs(attached.input, args, kwargs)
         if attached.output and _checkpointed(self):
@@ -159,11 +161,12 @@ def _fused_class(cls: type[nn.Module]) -> type[nn.Module]:
         return cls.__call__(self, *args, **kwargs)
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        attached = self.__dict__["_layerfuse_layer"]
+        attached = self.__dict__.get("_layerfuse_layer")
         states = kwargs.pop(_STATES, None)
-        inner = attached.instance_forward
+        inner = None if attached is None else attached.instance_forward
         output = inner(*args, **kwargs) if inner is not None else cls.forward(self, *args, **kwargs)
-        return fuse_outputs(attached.output if states is None else tuple(states), output, states)
+        fusions = tuple(states) if states is not None else () if attached is None else attached.output
+        return fuse_outputs(fusions, output, states)
 
     return type(
         f"Fused{cls.__name__}",
