@@ -11,12 +11,12 @@ import numpy
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
 import layerfuse
 from layerfuse.cli import main
 from layerfuse.models import embedded_model_path
 from layerfuse.run import embed_corpus
+from test_run import small  # noqa: F401  (a fixture)
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 try:
@@ -60,22 +60,9 @@ def embedded():
 
 
 @pytest.fixture(scope="module")
-def transformer_folder(tmp_path_factory):
-    """A 2-block BERT (hidden 32, 64 positions) with the embedded model's tokenizer, saved."""
-    _, tokenizer = layerfuse.load_model()
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    folder = tmp_path_factory.mktemp("bert")
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def transformer_folder(small):  # noqa: F811
+    """A 2-block BERT (hidden 32, 64 positions) with the embedded model's tokenizer, saved (tests/test_run.py's)."""
+    return small
 
 
 def st_folder(transformer_folder, folder, pooling, *, normalize=False, max_seq_length=12):
