@@ -7,7 +7,9 @@ dimension) and affine, h ↦ A·h + c, folds exactly into an affine operation ju
   embeddings' output; a final norm), for diagonal A (addition, multiplication, scale, interpolate,
   replace): γ' = a⊙γ, β' = a⊙β + c;
 - a Linear or GPT-2 Conv1D with a bias (the "attention" and "mlp" sites), for every fixed affine
-  method (also ablate, clamp, project): W' = A·W, b' = A·b + c.
+  method (also ablate, clamp, project): W' = A·W, b' = A·b + c;
+- a residual sum (the block output of GPT-2 and GPT-NeoX), for additions only (A = I): the last
+  Linear that writes into the sum takes c into its bias, b' = b + c, and the residual passes as it was.
 
 The merged model is a plain model: no hooks, no swapped class. Everything is checked before a
 parameter changes; `unmerge()` copies the original values back, bit for bit.
@@ -81,6 +83,14 @@ PRODUCERS: dict[tuple[str, str], str] = {
     **{(kind, "mlp"): "down_proj" for kind in ("llama", "mistral", "qwen2")},
 }
 """(model type, site) -> the module, under the site's module, whose output is the site's output."""
+
+RESIDUAL_WRITERS: dict[str, str] = {
+    "gpt2": "mlp.c_proj",
+    "gpt_neox": "mlp.dense_4h_to_h",
+    "modernbert": "mlp.Wo",
+    **{kind: "mlp.down_proj" for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
+}
+"""Model type -> the Linear, under a block, whose output the block adds last to its residual stream."""
 
 INSTEAD = "fuse it by hook or custom layer instead (layerfuse.fuse)"
 
@@ -175,7 +185,8 @@ def _affine(fusion: Fusion) -> Affine:
     return AFFINE[type(method)](method, info, size)
 
 
-def _producer(model: nn.Module, site: Site, method: str) -> nn.Module:
+def _producer(model: nn.Module, site: Site, method: str) -> tuple[nn.Module, bool]:
+    """The module whose parameters take the fusion, and whether it writes into a residual sum."""
     if site.point != "output":
         raise _refuse(method, f"it fuses the input of {site.name}, which no parameter produces; {INSTEAD}")
     if site.call is not None:
@@ -185,17 +196,19 @@ def _producer(model: nn.Module, site: Site, method: str) -> nn.Module:
             f"serve every call; {INSTEAD}",
         )
     if isinstance(site.module, (nn.LayerNorm, nn.Linear, Conv1D)):
-        return site.module
+        return site.module, False
     model_type = getattr(model.config, "model_type", "")
     kind = "embeddings" if site.layer == 0 else site.kind
     path = PRODUCERS.get((model_type, kind))
+    residual = path is None and kind == "output" and model_type in RESIDUAL_WRITERS
+    path = RESIDUAL_WRITERS[model_type] if residual else path
     if path is None or not _has(site.module, path):
         raise _refuse(
             method,
             f"no affine operation is known to produce the {kind} of a {model_type or type(model).__name__} "
             f"model ({site.name}, a {type(site.module).__name__}); {INSTEAD}",
         )
-    return site.module.get_submodule(path)
+    return site.module.get_submodule(path), residual
 
 
 def producer_of(model: nn.Module, config: FusionConfig) -> nn.Module:
@@ -207,7 +220,7 @@ def producer_of(model: nn.Module, config: FusionConfig) -> nn.Module:
     True
     """
     site = resolve_site(model, layer=config.layer, site=config.site)
-    return _producer(model, site, config.method)
+    return _producer(model, site, config.method)[0]
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -218,7 +231,9 @@ def _has(module: nn.Module, path: str) -> bool:
     return True
 
 
-def _folded(method: str, producer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+def _folded(
+    method: str, producer: nn.Module, scale: torch.Tensor, shift: torch.Tensor, residual: bool
+) -> dict[str, torch.Tensor]:
     """The producer's new parameter values (float64), by their names on the producer."""
     name = type(producer).__name__
     weight, bias = getattr(producer, "weight", None), getattr(producer, "bias", None)
@@ -226,6 +241,14 @@ def _folded(method: str, producer: nn.Module, scale: torch.Tensor, shift: torch.
         missing = "bias" if weight is not None else "weight"
         raise _refuse(method, f"the {name} that produces the fused tensor has no {missing} to take A·h + c; {INSTEAD}")
     diagonal = scale.ndim == 1
+    if residual:
+        if not (diagonal and bool((scale == 1).all())):
+            raise _refuse(
+                method,
+                "the fused tensor is a residual sum, and only an addition folds into the Linear that writes "
+                f"into it (the residual passes unchanged); {INSTEAD}",
+            )
+        return {"bias": bias.detach().double() + shift}
     weight, bias = weight.detach().double(), bias.detach().double()
     if isinstance(producer, nn.LayerNorm):
         if not diagonal:
@@ -249,12 +272,12 @@ def merge_fusion(fusion: Fusion) -> Merged:
     """Fold `fusion` into its model's parameters (detaching it if it is attached); see the module's docstring."""
     model = fusion.model
     scale, shift = _affine(fusion)
-    producer = _producer(model, fusion.site, _name(fusion.method))
+    producer, residual = _producer(model, fusion.site, _name(fusion.method))
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     uses: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
-    new = _folded(_name(fusion.method), producer, scale, shift)
+    new = _folded(_name(fusion.method), producer, scale, shift, residual)
     plan: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
     for key, value in new.items():
         parameter = getattr(producer, key)
