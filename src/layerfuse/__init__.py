@@ -8,6 +8,7 @@
 ...     fused = model(torch.tensor([[1, 2, 3]])).last_hidden_state
 """
 
+from .capture import capture
 from .config import FusionConfig
 from .encoding import encode
 from .errors import (
@@ -101,6 +102,7 @@ __all__ = [
     "StackSites",
     "UnknownNameError",
     "WordInfo",
+    "capture",
     "compare",
     "encode",
     "export_merged",
