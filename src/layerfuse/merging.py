@@ -7,7 +7,7 @@ dimension) and affine, h ↦ A·h + c, folds exactly into an affine operation ju
   embeddings' output; a final norm), for diagonal A (addition, multiplication, scale, interpolate,
   replace): γ' = a⊙γ, β' = a⊙β + c;
 - a Linear or GPT-2 Conv1D with a bias (the "attention" and "mlp" sites), for every fixed affine
-  method (also ablate, clamp, project): W' = A·W, b' = A·b + c.
+  method (also ablate, clamp, project, erase): W' = A·W, b' = A·b + c.
 
 The merged model is a plain model: no hooks, no swapped class. Everything is checked before a
 parameter changes; `unmerge()` copies the original values back, bit for bit.
@@ -38,7 +38,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import FusionConfig, config_or_keywords
 from .errors import FusionStateError, MergeError
 from .fusion import Fusion, prepare_fusion
-from .methods import Ablate, Addition, Clamp, Interpolate, Method, Multiplication, Project, Replace, Scale
+from .methods import Ablate, Addition, Clamp, Erase, Interpolate, Method, Multiplication, Project, Replace, Scale
 from .sites import Site, resolve_site
 
 Affine = tuple[torch.Tensor, torch.Tensor]
@@ -57,6 +57,14 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64)
 
 
+def _erasure(info: torch.Tensor, n: int) -> Affine:
+    """h − A·B·(h − μ) as (I − A·B, A·B·μ), from the rows [μ; B; Aᵀ]."""
+    rank = info.shape[0] // 2
+    mean, right, left = info[0], info[1 : 1 + rank], info[1 + rank :]
+    erased = left.mT @ right
+    return _eye(n) - erased, erased @ mean
+
+
 AFFINE: dict[type[Method], Callable[[Any, torch.Tensor | None, int], Affine]] = {
     Addition: lambda m, v, n: (_ones(n), m.alpha * v),
     Multiplication: lambda m, v, n: (v, _zeros(n)),
@@ -66,6 +74,7 @@ AFFINE: dict[type[Method], Callable[[Any, torch.Tensor | None, int], Affine]] = 
     Ablate: lambda m, v, n: (_eye(n) - torch.outer(v, v), _zeros(n)),
     Clamp: lambda m, v, n: (_eye(n) - torch.outer(v, v), m.value * v),
     Project: lambda m, v, n: (v.mT @ v, _zeros(n)),
+    Erase: lambda m, v, n: _erasure(v, n),
 }
 """The fixed methods that are affine, each as (method, prepared info in float64, H) -> (A, c)."""
 
