@@ -10,10 +10,12 @@
 
 from .config import FusionConfig
 from .encoding import encode
+from .erasure import eraser
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
     ArgumentValueError,
+    DataError,
     FileFormatError,
     FusionStateError,
     InfoShapeError,
@@ -26,6 +28,7 @@ from .errors import (
     ModelNotFoundError,
     UnknownNameError,
 )
+from .estimators import mean_difference, pca, probe
 from .exporting import export_merged, save_merged
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
 from .lab.compare import Comparison, compare
@@ -37,6 +40,7 @@ from .methods import (
     Clamp,
     Concat,
     CrossAttention,
+    Erase,
     Film,
     Gate,
     Interpolate,
@@ -75,6 +79,8 @@ __all__ = [
     "Comparison",
     "Concat",
     "CrossAttention",
+    "DataError",
+    "Erase",
     "FileFormatError",
     "Film",
     "Fusion",
@@ -103,6 +109,7 @@ __all__ = [
     "WordInfo",
     "compare",
     "encode",
+    "eraser",
     "export_merged",
     "fuse",
     "fuse_many",
@@ -110,7 +117,10 @@ __all__ = [
     "load_config",
     "load_fusion",
     "load_model",
+    "mean_difference",
     "merge",
+    "pca",
+    "probe",
     "register_method",
     "save_merged",
     "sweep",
