@@ -58,6 +58,12 @@ def projector(basis: torch.Tensor) -> torch.Tensor:
     return (basis.mT @ torch.linalg.inv(basis @ basis.mT) @ basis).float()
 
 
+def eraser_matrix(info: torch.Tensor) -> torch.Tensor:
+    """The (H, H) map P = A·B of eraser info, rows [μ; B; Aᵀ] ((K, H) or (B, K, H)), as one matrix."""
+    rank = info.shape[-2] // 2
+    return info[..., 1 + rank :, :].mT @ info[..., 1 : 1 + rank, :]
+
+
 def fixed_formula(name: str, args: dict):
     """The formula of a fixed method as `f(h, v)`, v already broadcast against h (or a basis)."""
     alpha, value = args.get("alpha"), args.get("value", 0.0)
@@ -69,6 +75,7 @@ def fixed_formula(name: str, args: dict):
         "interpolate": lambda h, v: (1 - alpha) * h + alpha * v,
         "ablate": lambda h, v: h - dot(h, unit(v)) * unit(v),
         "clamp": lambda h, v: h - dot(h, unit(v)) * unit(v) + value * unit(v),
+        "erase": lambda h, v: h - (h - v[..., :1, :]) @ eraser_matrix(v).mT,
         "project": lambda h, v: (
             h @ projector(v) if v.ndim == 2 else torch.einsum("bth,bhk->btk", h, torch.stack([projector(b) for b in v]))
         ),

@@ -28,6 +28,7 @@ FIXED = [
     ),
     (FusionConfig(method="clamp", arguments={"value": 1.5}, layer=3), torch.randn(B, H, generator=GENERATOR)),
     (FusionConfig(method="project", layer=3), torch.randn(2, H, generator=GENERATOR)),
+    (FusionConfig(method="erase", layer=3, positions="tokens"), torch.randn(B, 3, H, generator=GENERATOR) / H**0.5),
 ]
 
 

@@ -26,7 +26,9 @@ def info_for(name: str) -> torch.Tensor | None:
     generator = torch.Generator().manual_seed(3)
     cls = METHODS[name]
     size = 5 if cls.learned else H
-    shape = {"vector": (B, size), "basis": (2, size), "sequence": (4, size), "none": None}[cls.info_layout]
+    shape = {"vector": (B, size), "basis": (2, size), "sequence": (4, size), "eraser": (3, size), "none": None}[
+        cls.info_layout
+    ]
     return None if shape is None else torch.randn(shape, generator=generator)
 
 

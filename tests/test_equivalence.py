@@ -125,12 +125,14 @@ FIXED = {
     "ablate": ("vector", {}),
     "clamp": ("vector", {"value": 2.0}),
     "project": ("basis", {}),
+    "erase": ("eraser", {}),
 }
 LEARNED = {"film": "vector", "gate": "vector", "concat": "vector", "cross_attention": "sequence"}
 SHAPES = {
     "vector": [(D,), (B, D), (B, T, D)],
     "basis": [(K, D), (B, K, D)],
     "sequence": [(K, D), (B, K, D)],
+    "eraser": [(2 * K + 1, D), (B, 2 * K + 1, D)],
     "none": [None],
 }
 POSITIONS = {

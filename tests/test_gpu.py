@@ -23,6 +23,7 @@ FIXED = {
     "ablate": (torch.randn(H, generator=GENERATOR), {}),
     "clamp": (torch.randn(H, generator=GENERATOR), {"value": 2.0}),
     "project": (torch.randn(2, H, generator=GENERATOR), {}),
+    "erase": (torch.randn(3, H, generator=GENERATOR) / H**0.5, {}),
 }
 
 

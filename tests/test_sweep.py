@@ -37,6 +37,10 @@ CASES = {
     ),
     "project (K,H)": (dict(method="project"), torch.randn(5, 2, H, generator=GENERATOR)),
     "project (B,K,H)": (dict(method="project"), torch.randn(5, B, 2, H, generator=GENERATOR)),
+    "erase (B,1+2r,H) tokens": (
+        dict(method="erase", positions="tokens"),
+        torch.randn(5, B, 3, H, generator=GENERATOR) / H**0.5,
+    ),
 }
 
 

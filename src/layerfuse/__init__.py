@@ -11,10 +11,12 @@
 from .capture import capture
 from .config import FusionConfig
 from .encoding import encode
+from .erasure import eraser
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
     ArgumentValueError,
+    DataError,
     FileFormatError,
     FusionStateError,
     InfoShapeError,
@@ -27,6 +29,7 @@ from .errors import (
     ModelNotFoundError,
     UnknownNameError,
 )
+from .estimators import mean_difference, pca, probe
 from .exporting import export_merged, save_merged
 from .fusion import Fusion, FusionGroup, fuse, fuse_many
 from .lab.compare import Comparison, compare
@@ -38,6 +41,7 @@ from .methods import (
     Clamp,
     Concat,
     CrossAttention,
+    Erase,
     Film,
     Gate,
     Interpolate,
@@ -76,6 +80,8 @@ __all__ = [
     "Comparison",
     "Concat",
     "CrossAttention",
+    "DataError",
+    "Erase",
     "FileFormatError",
     "Film",
     "Fusion",
@@ -105,6 +111,7 @@ __all__ = [
     "capture",
     "compare",
     "encode",
+    "eraser",
     "export_merged",
     "fuse",
     "fuse_many",
@@ -112,7 +119,10 @@ __all__ = [
     "load_config",
     "load_fusion",
     "load_model",
+    "mean_difference",
     "merge",
+    "pca",
+    "probe",
     "register_method",
     "save_merged",
     "sweep",

@@ -63,6 +63,10 @@ class MergeError(LayerfuseError, ValueError):
     """A fusion that cannot be folded into the model's weights: not one affine map for all, or no parameter to take it."""
 
 
+class DataError(LayerfuseError, ValueError):
+    """Activations or labels that an estimator cannot use: a wrong shape, NaN, mismatched lengths, too few examples."""
+
+
 class MeasurementError(LayerfuseError, RuntimeError):
     """A measurement that failed or cannot be trusted, such as a compiled forward that differs from the eager one."""
 

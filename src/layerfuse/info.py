@@ -2,7 +2,9 @@
 
 A method's `info_layout` names one of `LAYOUTS`. For "vector" methods, (D,) applies to every
 example and token, (B, D) to each example's tokens, (B, T, D) token by token. "basis" and "sequence"
-methods take (K, D) for every example or (B, K, D) per example. D is the method's `info_dim(H)`.
+methods take (K, D) for every example or (B, K, D) per example; "eraser" methods (1 + 2r, D) or
+(B, 1 + 2r, D): a mean, then the r rows of B and the r rows of Aᵀ of a rank-r map A·B. D is the
+method's `info_dim(H)`.
 
 >>> import torch
 >>> Info(torch.ones(4, 8), layout="vector", size=8).tensor.shape
@@ -76,6 +78,7 @@ LAYOUTS: dict[str, InfoLayout] = {
     "vector": InfoLayout("vector", (1, 2, 3), "(D,), (B, D) or (B, T, D)", batched=(2, 3), per_token=(3,)),
     "basis": InfoLayout("basis", (2, 3), "(K, D) or (B, K, D)", batched=(3,), example=(2,)),
     "sequence": InfoLayout("sequence", (2, 3), "(K, D) or (B, K, D)", batched=(3,), example=(2,)),
+    "eraser": InfoLayout("eraser", (2, 3), "(1 + 2r, D) or (B, 1 + 2r, D)", batched=(3,), example=(3,)),
     "none": InfoLayout("none", (), "no info (None)"),
 }
 

@@ -7,7 +7,7 @@ dimension) and affine, h ↦ A·h + c, folds exactly into an affine operation ju
   embeddings' output; a final norm), for diagonal A (addition, multiplication, scale, interpolate,
   replace): γ' = a⊙γ, β' = a⊙β + c;
 - a Linear or GPT-2 Conv1D with a bias (the "attention" and "mlp" sites), for every fixed affine
-  method (also ablate, clamp, project): W' = A·W, b' = A·b + c;
+  method (also ablate, clamp, project, erase): W' = A·W, b' = A·b + c;
 - a residual sum (the block output of GPT-2 and GPT-NeoX), for additions only (A = I): the last
   Linear that writes into the sum takes c into its bias, b' = b + c, and the residual passes as it was.
 
@@ -40,7 +40,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import FusionConfig, config_or_keywords
 from .errors import FusionStateError, MergeError
 from .fusion import Fusion, prepare_fusion
-from .methods import Ablate, Addition, Clamp, Interpolate, Method, Multiplication, Project, Replace, Scale
+from .methods import Ablate, Addition, Clamp, Erase, Interpolate, Method, Multiplication, Project, Replace, Scale
 from .sites import Site, resolve_site
 
 Affine = tuple[torch.Tensor, torch.Tensor]
@@ -59,6 +59,14 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64)
 
 
+def _erasure(info: torch.Tensor, n: int) -> Affine:
+    """h − A·B·(h − μ) as (I − A·B, A·B·μ), from the rows [μ; B; Aᵀ]."""
+    rank = info.shape[0] // 2
+    mean, right, left = info[0], info[1 : 1 + rank], info[1 + rank :]
+    erased = left.mT @ right
+    return _eye(n) - erased, erased @ mean
+
+
 AFFINE: dict[type[Method], Callable[[Any, torch.Tensor | None, int], Affine]] = {
     Addition: lambda m, v, n: (_ones(n), m.alpha * v),
     Multiplication: lambda m, v, n: (v, _zeros(n)),
@@ -68,6 +76,7 @@ AFFINE: dict[type[Method], Callable[[Any, torch.Tensor | None, int], Affine]] = 
     Ablate: lambda m, v, n: (_eye(n) - torch.outer(v, v), _zeros(n)),
     Clamp: lambda m, v, n: (_eye(n) - torch.outer(v, v), m.value * v),
     Project: lambda m, v, n: (v.mT @ v, _zeros(n)),
+    Erase: lambda m, v, n: _erasure(v, n),
 }
 """The fixed methods that are affine, each as (method, prepared info in float64, H) -> (A, c)."""
 

@@ -83,6 +83,7 @@ FIXED_METHOD_ARGS = {
     "ablate": [],
     "clamp": ["--value", "3"],
     "project": [],
+    "erase": [],
 }
 
 

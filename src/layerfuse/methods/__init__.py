@@ -14,7 +14,7 @@ from .base import (
     method_parameters,
     register_method,
 )
-from .fixed import Ablate, Addition, Clamp, Interpolate, Multiplication, Project, Replace, Scale
+from .fixed import Ablate, Addition, Clamp, Erase, Interpolate, Multiplication, Project, Replace, Scale
 from .learned import Concat, CrossAttention, Film, Gate, LearnedMethod
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Clamp",
     "Concat",
     "CrossAttention",
+    "Erase",
     "Film",
     "Gate",
     "Interpolate",

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ArgumentTypeError, ArgumentValueError, UnknownNameError, positive_int
 from ..info import LAYOUTS
 
-InfoLayout = Literal["vector", "basis", "sequence", "none"]
+InfoLayout = Literal["vector", "basis", "sequence", "eraser", "none"]
 SIZES = ("hidden_size", "info_size")
 """The constructor arguments of a learned method that `fuse` fills in from the model and the info."""
 
@@ -33,6 +33,7 @@ class Method(nn.Module):
 
     - "vector": (D,), (B, 1, D) or (B, T, D), broadcasting against hidden (B, T, H);
     - "basis" and "sequence": (K, D) or (B, K, D);
+    - "eraser": (1 + 2r, D) or (B, 1 + 2r, D), the rows [μ; B; Aᵀ] of h ↦ h − A·B·(h − μ);
     - "none": the method takes no info and gets None.
 
     D is `info_dim(H)`: H, unless the method projects info of its own size. A fusion calls

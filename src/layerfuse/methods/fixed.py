@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentTypeError, ArgumentValueError, InfoValueError
+from ..errors import ArgumentTypeError, ArgumentValueError, InfoShapeError, InfoValueError
 from .base import Method, register_method
 
 
@@ -212,3 +212,34 @@ class Project(Method):
 
     def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
         return (hidden @ info.mT) @ info
+
+
+@register_method("erase")
+class Erase(Method):
+    """Erase a concept by an affine eraser: h − A·B·(h − μ), the info's rows [μ; B; Aᵀ], (1 + 2r, H).
+
+    A (H, r) and B (r, H) factor the rank-r map P = A·B that `layerfuse.eraser` estimates (LEACE,
+    Belrose et al. 2023): the mean comes first, then the r rows of B, then the r rows of Aᵀ. With
+    r = 0 (one row) it changes nothing.
+
+    >>> info = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # μ = (0, 1), B = [1, 0], Aᵀ = [1, 0]
+    >>> Erase()(torch.tensor([[[3.0, 4.0]]]), info)
+    tensor([[[0., 4.]]])
+    """
+
+    formula = "h - A B (h - mu), info rows [mu; B; A^T]"
+    info_layout = "eraser"
+
+    def prepare(self, info: torch.Tensor) -> torch.Tensor:
+        count = info.shape[-2]
+        if count % 2 == 0:
+            raise InfoShapeError(
+                f"an eraser's info has 1 + 2r rows (the mean, the r rows of B, the r rows of Aᵀ), got {count}: "
+                "pass what layerfuse.eraser returns"
+            )
+        return info
+
+    def forward(self, hidden: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+        rank = info.shape[-2] // 2
+        mean, right, left = info[..., :1, :], info[..., 1 : 1 + rank, :], info[..., 1 + rank :, :]
+        return hidden - ((hidden - mean) @ right.mT) @ left
