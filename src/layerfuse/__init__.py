@@ -10,6 +10,7 @@
 
 from .capture import capture
 from .config import FusionConfig
+from .deriving import Derived, derive, separation_by_layer
 from .encoding import encode
 from .erasure import eraser
 from .errors import (
@@ -81,6 +82,7 @@ __all__ = [
     "Concat",
     "CrossAttention",
     "DataError",
+    "Derived",
     "Erase",
     "FileFormatError",
     "Film",
@@ -110,6 +112,7 @@ __all__ = [
     "WordInfo",
     "capture",
     "compare",
+    "derive",
     "encode",
     "eraser",
     "export_merged",
@@ -125,6 +128,7 @@ __all__ = [
     "probe",
     "register_method",
     "save_merged",
+    "separation_by_layer",
     "sweep",
     "train",
     "word_info",

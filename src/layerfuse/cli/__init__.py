@@ -10,9 +10,11 @@
     methods.py        layerfuse methods
     inspect_model.py  layerfuse inspect
     compare.py        layerfuse compare
+    derive.py         layerfuse derive
     run.py            layerfuse run
     bench.py          layerfuse bench
     sweep.py          layerfuse sweep
+    merge.py          layerfuse merge
 
 A command imports its heavy modules (pyarrow, the bench) inside its function, so `layerfuse --help` stays light.
 """

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from transformers.utils import logging as transformers_logging
 
 from ..errors import LayerfuseError
-from . import bench, compare, inspect_model, merge, methods, run, sweep
+from . import bench, compare, derive, inspect_model, merge, methods, run, sweep
 
-COMMANDS = (methods, inspect_model, compare, run, bench, sweep, merge)
+COMMANDS = (methods, inspect_model, compare, derive, run, bench, sweep, merge)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -134,9 +134,9 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub name or local folder (default: the embedded MiniLM BERT)")
 
 
-def add_layer_option(parser: argparse.ArgumentParser, help: str = LAYER_HELP) -> None:
-    """--layer: the hidden_states index to fuse at."""
-    parser.add_argument("--layer", type=int, metavar="K", help=help)
+def add_layer_option(parser: argparse.ArgumentParser, help: str = LAYER_HELP, type: Callable[[str], Any] = int) -> None:
+    """--layer: the hidden_states index to fuse at (`type` parses it)."""
+    parser.add_argument("--layer", type=type, metavar="K", help=help)
 
 
 def add_method_option(parser: argparse.ArgumentParser, help: str = METHOD_HELP) -> None:
@@ -148,15 +148,17 @@ def add_fusion_options(
     parser: argparse.ArgumentParser,
     *,
     layer: str = LAYER_HELP,
+    layer_type: Callable[[str], Any] = int,
     info: str | None = None,
     positions: str = POSITIONS_HELP,
     approach: bool = False,
 ) -> None:
     """--layer, --method and its arguments, --info (where `info` gives its help), --positions, and --approach.
 
-    `layer` and `positions` replace the help of those options; `fusion_options` reads them all back.
+    `layer` and `positions` replace the help of those options, `layer_type` parses --layer;
+    `fusion_options` reads them all back.
     """
-    add_layer_option(parser, layer)
+    add_layer_option(parser, layer, layer_type)
     add_method_option(parser)
     parser.add_argument(
         "--arg",
