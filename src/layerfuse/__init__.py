@@ -10,7 +10,7 @@
 
 from .config import FusionConfig
 from .encoding import encode
-from .erasure import eraser
+from .erasure import eraser, inlp
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
@@ -113,6 +113,7 @@ __all__ = [
     "export_merged",
     "fuse",
     "fuse_many",
+    "inlp",
     "inspect",
     "load_config",
     "load_fusion",
