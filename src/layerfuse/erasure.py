@@ -2,8 +2,8 @@
 
 LEACE (Belrose et al. 2023, "LEACE: Perfect linear concept erasure in closed form") is the affine
 map r(x) = x − P(x − μ) that changes the activations least (in mean squared distance) among those
-after which no linear classifier predicts the concept better than a constant: the erased
-activations' covariance with the one-hot labels is zero. Its closed form is
+after which no linear classifier predicts the concept better than a constant (under any convex
+loss): the erased activations' covariance with the one-hot labels is zero. Its closed form is
 
     P = W⁺ · Q Qᵀ · W,   W = (Σ_xx^½)⁺ the whitening,   Q an orthonormal basis of the columns of W Σ_xz,
 
@@ -36,9 +36,10 @@ def eraser(activations: torch.Tensor, labels: Labels) -> torch.Tensor:
     x ↦ x − A·B·(x − μ), with A·B = P of the module's docstring, computed in float64 from the
     sample covariances (no shrinkage, no trace constraint: the paper's closed form). Directions
     whose variance is below float64 precision (H·ε of the largest) count as absent, as in a
-    pseudo-inverse. A and B are balanced, A = U S^½ and B = S^½ Vᵀ from P = U S Vᵀ, so that the
-    info holds P as well as a half-precision model can. `fuse(model, info, layer=k, method="erase")`
-    applies it at layer k; labels are any two or more classes, two examples or more each.
+    pseudo-inverse. A and B are balanced, A = U S^½ and B = S^½ Vᵀ from P = U S Vᵀ, so that neither
+    is large where the other is small, which rounds least in a model's dtype.
+    `fuse(model, info, layer=k, method="erase")` applies it at layer k; labels are any two or more
+    classes, two examples or more each.
     """
     rows = checked_activations(activations)
     index, classes = class_indices(labels, len(rows))
