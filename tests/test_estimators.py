@@ -177,6 +177,36 @@ def test_erase_at_a_layer_of_a_bert_erases_the_concept_by_both_approaches_bitwis
     assert_unchanged(model, before)
 
 
+def inlp_by_hand(x: torch.Tensor, labels, rounds: int) -> numpy.ndarray:
+    """INLP written out: each round a standardised scikit-learn probe on the projected data, its rows' span removed."""
+    rows = x.double().numpy()
+    mean, removed = rows.mean(axis=0), numpy.zeros((rows.shape[1], rows.shape[1]))
+    for _ in range(rounds):
+        fitted = make_pipeline(StandardScaler(), LogisticRegression()).fit(rows - (rows - mean) @ removed, labels)
+        weights = (fitted[-1].coef_ / fitted[0].scale_).T
+        weights -= removed @ weights
+        vectors, values, _ = numpy.linalg.svd(weights, full_matrices=False)
+        found = vectors[:, values > 1e-6 * values.max()]  # C rows summing to zero span C - 1 directions
+        removed = removed + found @ found.T
+    return removed
+
+
+@pytest.mark.parametrize("counts", [(40, 30), (30, 25, 20)], ids=["2 classes", "3 classes"])
+def test_inlp_removes_the_span_of_each_rounds_probe(counts):
+    x, labels = gaussian_classes(counts, size=8)
+    info = layerfuse.inlp(x, labels, rounds=2)
+    directions = 2 * (len(counts) - 1)  # two rounds of C - 1
+    assert info.shape == (1 + 2 * directions, 8)
+    basis = info[1 : 1 + directions].double()
+    assert torch.equal(info[1 : 1 + directions], info[1 + directions :])
+    torch.testing.assert_close(basis @ basis.T, torch.eye(directions, dtype=torch.float64), rtol=0, atol=1e-6)
+    numpy.testing.assert_allclose(basis.T.numpy() @ basis.numpy(), inlp_by_hand(x, labels, 2), atol=1e-6)
+    erased = layerfuse.Erase()(x[None], info)[0].double()
+    torch.testing.assert_close(
+        (erased - x.double().mean(0)) @ basis.T, torch.zeros(len(x), directions, dtype=torch.float64), rtol=0, atol=1e-3
+    )
+
+
 def test_an_eraser_of_the_classes_with_one_mean_changes_nothing():
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     info = layerfuse.eraser(x, ["a", "a", "b", "b"])
@@ -226,11 +256,7 @@ BAD = {
     "labels (N, 1)": (lambda: layerfuse.eraser(X, torch.zeros(6, 1)), layerfuse.DataError, r"\(N,\), got shape"),
     "integer activations": (lambda: layerfuse.eraser(X.long(), [0, 1] * 3), layerfuse.ArgumentTypeError, "int64"),
     "not a tensor": (lambda: layerfuse.mean_difference(X.tolist(), X), layerfuse.ArgumentTypeError, "torch.Tensor"),
-    "even eraser rows": (
-        lambda: layerfuse.fuse(tiny_bert(), torch.randn(2, H), layer=1, method="erase"),
-        layerfuse.InfoShapeError,
-        "1 \\+ 2r rows .* got 2",
-    ),
+    "no rounds": (lambda: layerfuse.inlp(X, [0, 1] * 3, rounds=0), layerfuse.ArgumentValueError, "rounds must be"),
 }
 
 

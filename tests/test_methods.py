@@ -122,6 +122,12 @@ BAD_METHODS = {
         layerfuse.InfoShapeError,
         r"\(K, D\) or \(B, K, D\)",
     ),
+    "eraser of even rows": (
+        dict(method="erase", info=torch.randn(2, 32)),
+        layerfuse.InfoShapeError,
+        r"an eraser's info has 1 \+ 2r rows .* got 2",
+    ),
+    "eraser as a vector": (dict(method="erase", info=torch.randn(32)), layerfuse.InfoShapeError, r"\(1 \+ 2r, D\)"),
     "learned without info": (dict(method="film", info=None), layerfuse.ArgumentValueError, "learned.*pass info"),
     "heads not dividing": (
         dict(method="cross_attention", info=torch.randn(2, 4, 5), heads=3),

@@ -12,7 +12,7 @@ from .capture import capture
 from .config import FusionConfig
 from .deriving import Derived, derive, separation_by_layer
 from .encoding import encode
-from .erasure import eraser
+from .erasure import eraser, inlp
 from .errors import (
     ArchitectureError,
     ArgumentTypeError,
@@ -118,6 +118,7 @@ __all__ = [
     "export_merged",
     "fuse",
     "fuse_many",
+    "inlp",
     "inspect",
     "load_config",
     "load_fusion",
