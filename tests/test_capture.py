@@ -303,6 +303,7 @@ def test_progress_shows_a_bar_on_stderr_when_asked_or_for_long_inputs_on_a_termi
             "from 3 to this model's 64",
         ),
         (["a text"], {"tokenizer": TOKENIZER, "max_length": 65}, layerfuse.ArgumentValueError, "got 65"),
+        (None, {"max_length": 8}, layerfuse.ArgumentValueError, "ready batches run as they are"),
         (None, {"layer": 5}, layerfuse.LayerIndexError, r"use 0..3 or -4..-1"),
         (None, {"layer": [1, 9]}, layerfuse.LayerIndexError, "layer 9 is out of range"),
         (None, {"layer": []}, layerfuse.ArgumentValueError, "empty sequence"),

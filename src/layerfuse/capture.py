@@ -167,6 +167,11 @@ def _batches(
     if not items:
         raise ArgumentValueError("inputs is empty: give at least one text or batch")
     if isinstance(items[0], Mapping):
+        if max_length is not None:
+            raise ArgumentValueError(
+                f"max_length={max_length} truncates texts, and ready batches run as they are: truncate them "
+                "when tokenizing, or give the texts"
+            )
         for index, batch in enumerate(items):
             _check_batch(index, batch, mask_name, pooled)
         return len(items), iter(items)
