@@ -96,7 +96,8 @@ def capture(
     if progress is not None and not isinstance(progress, bool):
         raise ArgumentTypeError(f"progress must be True, False or None, got {type(progress).__name__}")
     count, batches = _batches(model, inputs, tokenizer, batch_size, max_length, mask_name, pooling != "none")
-    show = progress if progress is not None else count > PROGRESS_BATCHES and sys.stderr.isatty()
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+    show = progress if progress is not None else count > PROGRESS_BATCHES and terminal
     device = next((weight.device for weight in model.parameters() if not weight.is_meta), None)
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     results: dict[int | None, list[Captured]] = {key: [] for key in sites}
