@@ -7,6 +7,7 @@ with `layerfuse.capture`.
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 import torch
@@ -204,6 +205,42 @@ def test_the_encoder_stack_of_an_encoder_decoder_needs_no_decoder_inputs():
         assert_close(got[layer], by_hand(hidden[layer], batch["attention_mask"]))
 
 
+def test_the_decoder_stack_reads_the_decoder_inputs_and_its_mask():
+    model = build_encoder_decoder("t5")
+    encoder, decoder = padded_batch(), padded_batch((2, 5, 3), seed=3)
+    inputs = {
+        "input_ids": encoder["input_ids"],
+        "attention_mask": encoder["attention_mask"],
+        "decoder_input_ids": decoder["input_ids"],
+        "decoder_attention_mask": decoder["attention_mask"],
+    }
+    got = layerfuse.capture(model, inputs, layer=range(3), stack="decoder", pooling="last")
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).decoder_hidden_states
+    for layer in range(3):
+        assert_close(got[layer], by_hand(hidden[layer], decoder["attention_mask"], pooling="last"))
+    with pytest.raises(layerfuse.ArgumentValueError, match="give ready batches with the inputs of its stack"):
+        layerfuse.capture(model, ["a text"], layer=1, stack="decoder", tokenizer=object())
+
+
+def test_forwards_in_another_thread_meanwhile_pass_the_hooks_by(tiny, batch):
+    other, outputs = padded_batch((5, 6), seed=4), []
+
+    def forward_in_another_thread(*_):
+        if threading.current_thread() is threading.main_thread():
+            thread = threading.Thread(target=lambda: outputs.append(tiny(**other).last_hidden_state))
+            thread.start()
+            thread.join()
+
+    handle = tiny.embeddings.register_forward_hook(forward_in_another_thread)
+    got = layerfuse.capture(tiny, batch, layer=1)
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(outputs[0], tiny(**other).last_hidden_state)
+        expected = by_hand(tiny(**batch, output_hidden_states=True).hidden_states[1], batch["attention_mask"])
+    assert_close(got, expected)
+
+
 def test_a_model_in_training_mode_is_read_in_eval_mode_and_left_in_training_mode(batch):
     model = tiny_bert()
     with torch.no_grad():
@@ -266,6 +303,7 @@ def test_progress_shows_a_bar_on_stderr_when_asked_or_for_long_inputs_on_a_termi
             "from 3 to this model's 64",
         ),
         (["a text"], {"tokenizer": TOKENIZER, "max_length": 65}, layerfuse.ArgumentValueError, "got 65"),
+        (None, {"max_length": 8}, layerfuse.ArgumentValueError, "ready batches run as they are"),
         (None, {"layer": 5}, layerfuse.LayerIndexError, r"use 0..3 or -4..-1"),
         (None, {"layer": [1, 9]}, layerfuse.LayerIndexError, "layer 9 is out of range"),
         (None, {"layer": []}, layerfuse.ArgumentValueError, "empty sequence"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,8 @@ def capture(
     if progress is not None and not isinstance(progress, bool):
         raise ArgumentTypeError(f"progress must be True, False or None, got {type(progress).__name__}")
     count, batches = _batches(model, inputs, tokenizer, batch_size, max_length, mask_name, pooling != "none")
-    show = progress if progress is not None else count > PROGRESS_BATCHES and sys.stderr.isatty()
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+    show = progress if progress is not None else count > PROGRESS_BATCHES and terminal
     device = next((weight.device for weight in model.parameters() if not weight.is_meta), None)
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     results: dict[int | None, list[Captured]] = {key: [] for key in sites}
@@ -166,6 +168,11 @@ def _batches(
     if not items:
         raise ArgumentValueError("inputs is empty: give at least one text or batch")
     if isinstance(items[0], Mapping):
+        if max_length is not None:
+            raise ArgumentValueError(
+                f"max_length={max_length} truncates texts, and ready batches run as they are: truncate them "
+                "when tokenizing, or give the texts"
+            )
         for index, batch in enumerate(items):
             _check_batch(index, batch, mask_name, pooled)
         return len(items), iter(items)
@@ -272,7 +279,8 @@ def _read(
     """One forward of `batch`, reading every site with a hook that is removed again, also on an error.
 
     The forward stops once every site is read; with a module named as the site (which may run more than
-    once), it runs to the end, and a module that runs again is refused.
+    once), it runs to the end, and a module that runs again is refused. Forwards of the model in other
+    threads meanwhile pass the hooks by.
     """
     read: dict[int | None, Captured] = {}
     wanted: dict[tuple[int, str], list[tuple[int | None, Site]]] = {}
@@ -280,6 +288,7 @@ def _read(
         wanted.setdefault((id(where.module), where.point), []).append((key, where))
     calls = dict.fromkeys(wanted, 0)
     stop_early = all(where.kind != "module" for where in sites.values())
+    thread = threading.get_ident()
 
     def record(point: str, module: nn.Module, hidden: torch.Tensor | None) -> None:
         calls[id(module), point] += 1
@@ -297,11 +306,13 @@ def _read(
             raise _Enough
 
     def on_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        first = wanted[id(module), "input"][0][1]
-        record("input", module, args[0] if args else kwargs.get(first.input_name))
+        if threading.get_ident() == thread:
+            first = wanted[id(module), "input"][0][1]
+            record("input", module, args[0] if args else kwargs.get(first.input_name))
 
     def on_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        record("output", module, split_output(output)[0])
+        if threading.get_ident() == thread:
+            record("output", module, split_output(output)[0])
 
     handles = []
     try:
