@@ -22,7 +22,7 @@ from layerfuse.methods import METHODS, register_method
 from layerfuse.run import Embedder
 from layerfuse.run.embedding import POOLINGS
 from layerfuse.run.onnx_backend import OnnxModel
-from reference import as_broadcast, bert_forward, bert_forward_with_sublayer_edit, fixed_formula
+from reference import as_broadcast, bert_forward, bert_forward_with_sublayer_edit, fixed_formula, learned_formula
 from test_run import read_embeddings, sentences, small  # noqa: F401  (small: a fixture)
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'layerfuse[onnx]')")
@@ -30,15 +30,14 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 STEER = torch.randn(32, generator=torch.Generator().manual_seed(3))
 CASES = {
     "addition, merged": (FusionConfig(layer=1, method="addition", arguments={"alpha": 2.0}), True),
-    "clamp at the mlp of real tokens, by hook": (
-        FusionConfig(layer=2, site="mlp", method="clamp", arguments={"value": 2.0}, positions="tokens"),
-        False,
-    ),
-    "addition at the first token, by custom layer": (
-        FusionConfig(layer=1, method="addition", positions="first", approach="layer"),
+    "clamp at the mlp of the first token, by custom layer": (
+        FusionConfig(
+            layer=2, site="mlp", method="clamp", arguments={"value": 2.0}, positions="first", approach="layer"
+        ),
         False,
     ),
 }
+"""A fusion that merges, and one that the trace records with how it reads the mask; a learned one by hook below."""
 
 
 def reference_states(model, tokenizer, texts, config):
@@ -48,18 +47,15 @@ def reference_states(model, tokenizer, texts, config):
         for text in texts:
             batch = tokenizer([text], return_tensors="pt")
             if config.site == "mlp":
+                first = torch.zeros(1, batch["input_ids"].shape[1], 1, dtype=torch.bool)
+                first[0, 0] = True
                 clamp = fixed_formula("clamp", config.arguments)
-                edit = lambda h: clamp(h, as_broadcast(STEER, h))
+                edit = lambda h: torch.where(first, clamp(h, as_broadcast(STEER, h)), h)
                 hidden = bert_forward_with_sublayer_edit(model, batch, layer=config.layer, site="mlp", edit=edit)[-1][0]
             else:
                 add = fixed_formula("addition", config.arguments)
-                if config.positions == "first":
-                    first = torch.zeros(1, batch["input_ids"].shape[1], 1, dtype=torch.bool)
-                    first[0, 0] = True
-                    edit = lambda h: torch.where(first, add(h, as_broadcast(STEER, h)), h)
-                else:
-                    edit = lambda h: add(h, as_broadcast(STEER, h))
-                hidden = bert_forward(model, batch, layer=config.layer, edit=edit)[-1][0]
+                hidden = bert_forward(model, batch, layer=config.layer, edit=lambda h: add(h, as_broadcast(STEER, h)))
+                hidden = hidden[-1][0]
             states.append(hidden)
     return states
 
@@ -117,6 +113,26 @@ def test_the_cli_writes_with_onnx_what_it_writes_with_torch_for_the_plain_model(
     torch_backend, onnx = read_embeddings(tmp_path / "torch.parquet"), read_embeddings(tmp_path / "onnx.parquet")
     assert torch_backend.shape == onnx.shape == (40, 32)
     assert numpy.abs(onnx - torch_backend).max() <= 1e-5
+
+
+def test_a_saved_learned_fusion_exports_with_its_trained_parameters(small, tmp_path):  # noqa: F811
+    model, tokenizer = layerfuse.load_model(small)
+    with (
+        layerfuse.fuse(model, STEER, FusionConfig(layer=1, method="gate", positions="tokens")) as fusion,
+        torch.no_grad(),
+    ):
+        for parameter in fusion.method.parameters():
+            parameter.normal_(generator=torch.Generator().manual_seed(parameter.numel()))
+        folder = fusion.save(tmp_path / "gate")
+        method = fusion.method
+    before = snapshot(model)
+    onnx = OnnxModel(model, tokenizer, layerfuse.load_config(folder), STEER, saved=folder)
+    assert_unchanged(model, before)
+    batch = tokenizer(sentences(5, seed=9), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert_forward(model, batch, layer=1, info=STEER, combine=learned_formula(method))[-1]
+    real = batch["attention_mask"].bool()
+    assert (onnx(batch) - expected)[real].abs().max() <= 1e-5
 
 
 @pytest.fixture

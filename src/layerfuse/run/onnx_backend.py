@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import tempfile
@@ -102,6 +103,7 @@ def _fused(
         yield False
         return
     fusion = attach(model, config, info, saved)
+    fusion.method.requires_grad_(False)  # a learned method's parameters become constants of the graph
     merged = None
     try:
         with contextlib.suppress(MergeError):
@@ -115,18 +117,16 @@ def _fused(
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """No warnings or log lines from the exporter and the optimizer: notes on what they keep as constants."""
-    loggers = [logging.getLogger(name) for name in ("onnxruntime", "transformers")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    """No warnings, log lines or prints from the exporter and the optimizer: notes on what they keep as constants
+    and on the shapes they infer (the optimizer's modules log under their own top-level names, and print)."""
+    disabled = logging.root.manager.disable
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
+        logging.disable(logging.WARNING)
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
+            logging.disable(disabled)
 
 
 def _real_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
