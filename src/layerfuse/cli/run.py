@@ -86,6 +86,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--resume", action="store_true", help="carry on the interrupted run of the same job")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar (none either off a terminal)")
     parser.add_argument(
+        "--backend",
+        default="torch",
+        metavar="NAME",
+        help="torch (default) or onnx: the fused model exported once and run by ONNX Runtime "
+        "(pip install 'layerfuse[onnx]'); onnx takes one info for every row",
+    )
+    parser.add_argument(
         "--engine", default="local", metavar="NAME", help="local (default) or ray (pip install 'layerfuse[ray]')"
     )
     parser.add_argument(
@@ -121,6 +128,7 @@ def execute(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet and sys.stderr.isatty(),
+        backend=args.backend,
         engine=args.engine,
         ray_address=args.ray_address,
         workers=args.workers,

@@ -6,7 +6,8 @@ embeddings come back in the table's order. Pooling is one of sentence-transforme
 "mean_sqrt_len_tokens"), optionally L2-normalised, or "none" (every real token's state). A
 sentence-transformers folder brings its own pooling, normalisation and max length (`read_st_folder`),
 so that its embeddings are those of `SentenceTransformer(folder).encode`. Each row is flagged if it was
-truncated to `max_length` tokens or if its embedding holds NaN or infinity.
+truncated to `max_length` tokens or if its embedding holds NaN or infinity. The forwards run in PyTorch
+(backend "torch") or in ONNX Runtime on the fused model exported once (backend "onnx", `OnnxModel`).
 
 >>> import pyarrow as pa
 >>> with Embedder.load(max_length=8) as embedder:
@@ -32,12 +33,14 @@ from ..errors import ArgumentValueError, positive_int
 from ..fusion import Fusion
 from ..models import embedded_model_path, load_model
 from .fusion import attach, row_info
+from .onnx_backend import OnnxModel, import_onnxruntime
 from .pooling import POOLINGS as POOLED
 from .pooling import pool
 from .st_folder import read_st_folder
 from .truncation import capped
 
 POOLINGS = (*POOLED, "none")
+BACKENDS = ("torch", "onnx")
 
 
 def embedding_type(hidden_size: int, pooling: str) -> pa.DataType:
@@ -50,6 +53,7 @@ class Embedder:
     """Embeds the `text` column of Arrow tables with `model` (fused by `fusion`, if any), under inference mode.
 
     `rows_info`, info with one row per corpus row, is handed to the fusion batch by batch, by the `row` column.
+    `onnx`, the fused model exported to ONNX Runtime, runs the forwards instead of `model` where given.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class Embedder:
         tokenizer: PreTrainedTokenizerBase,
         fusion: Fusion | None = None,
         *,
+        onnx: OnnxModel | None = None,
         rows_info: torch.Tensor | None = None,
         pooling: str = "mean",
         normalize: bool = False,
@@ -77,7 +82,7 @@ class Embedder:
             raise ArgumentValueError(
                 f"max length must be from {shortest} to this model's {limit} tokens, got {max_length}"
             )
-        self.model, self.tokenizer, self.fusion = model, tokenizer, fusion
+        self.model, self.tokenizer, self.fusion, self.onnx = model, tokenizer, fusion, onnx
         self.pooling, self.normalize, self.batch_size, self.bucket = pooling, normalize, batch_size, bucket
         self.max_length = limit if max_length is None else max_length
         self.hidden_size: int = model.config.hidden_size
@@ -94,6 +99,7 @@ class Embedder:
         pooling: str | None = None,
         normalize: bool | None = None,
         max_length: int | None = None,
+        backend: str = "torch",
         **options: object,
     ) -> Embedder:
         """Load `model` (None: the embedded MiniLM BERT), fuse it as `fusion` says, and embed with `options`.
@@ -101,8 +107,19 @@ class Embedder:
         `fusion` and `info` are a run's, as `run_fusion` checks them; `saved` a saved fusion's folder.
         `pooling`, `normalize` and `max_length` not given are a sentence-transformers folder's own, else
         "mean", no normalisation and the model's limit; a folder's normalisation is of its pooled
-        embedding, so pooling "none" drops it.
+        embedding, so pooling "none" drops it. `backend` "onnx" runs the forwards in ONNX Runtime, on the
+        model exported with its fusion (`OnnxModel`), which takes no info per corpus row.
         """
+        if backend not in BACKENDS:
+            raise ArgumentValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        rows_info = row_info(fusion, info)
+        if backend == "onnx":
+            if rows_info is not None:
+                raise ArgumentValueError(
+                    f"the onnx backend exports the fusion once, its info a constant of the graph, and this info has "
+                    f"a row per corpus row {tuple(rows_info.shape)}: give one info for every row, or use --backend torch"
+                )
+            import_onnxruntime()
         folder = read_st_folder(embedded_model_path() if model is None else model)
         network, tokenizer = load_model(model if folder is None else folder.transformer)
         if folder is not None:
@@ -111,9 +128,12 @@ class Embedder:
             max_length = folder.max_length if max_length is None else max_length
         pooling = "mean" if pooling is None else pooling
         settings = {"pooling": pooling, "normalize": bool(normalize), "max_length": max_length, **options}
+        if backend == "onnx":
+            onnx = OnnxModel(network, tokenizer, fusion, info, saved)
+            return cls(network, tokenizer, onnx=onnx, **settings)
         attached = None if fusion is None else attach(network, fusion, info, saved)
         try:
-            return cls(network, tokenizer, attached, rows_info=row_info(fusion, info), **settings)
+            return cls(network, tokenizer, attached, rows_info=rows_info, **settings)
         except BaseException:
             if attached is not None:
                 attached.remove()
@@ -151,7 +171,7 @@ class Embedder:
         inputs = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         if self.rows_info is not None:
             self.fusion.set_info(self.rows_info[rows])
-        hidden = self.model(**inputs).last_hidden_state.float()
+        hidden = (self.model(**inputs).last_hidden_state if self.onnx is None else self.onnx(inputs)).float()
         mask = inputs["attention_mask"]
         if self.pooling == "none":
             return [state[real.bool()].numpy() for state, real in zip(hidden, mask)]

@@ -155,6 +155,7 @@ def embed_corpus(
     resume: bool = False,
     progress: bool = False,
     bucket: bool = True,
+    backend: str = "torch",
     engine: str = "local",
     ray_address: str | None = None,
     workers: int | None = None,
@@ -168,7 +169,8 @@ def embed_corpus(
     if `include_text`, `embedding`), .npy or .safetensors; with `engine="ray"`, a folder of Parquet
     files. Bad rows are skipped and listed in `rejects` (default: the output's name with
     .rejects.jsonl). `pooling`, `normalize` and `max_length` default to a sentence-transformers folder's
-    own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's limit. The
+    own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's limit. `backend`
+    "onnx" runs the forwards in ONNX Runtime, on the model exported once with its fusion. The
     local engine writes shards of `shard_size` rows as it goes; `resume` carries on an interrupted run.
     Bad arguments raise a `LayerfuseError` before any work.
     """
@@ -204,6 +206,7 @@ def embed_corpus(
         "max_length": max_length,
         "batch_size": batch_size,
         "bucket": bucket,
+        "backend": backend,
     }
     with Embedder.load(**settings) as embedder:
         if embedder.rows_info is not None and len(embedder.rows_info) != rows:
