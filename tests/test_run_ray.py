@@ -177,3 +177,44 @@ def test_a_killed_driver_resumes_to_the_output_of_an_uninterrupted_run(small, tm
     assert len(list((tmp_path / "ray").glob("*.parquet"))) == blocks
     assert ray_rows(tmp_path / "ray").equals(pq.read_table(tmp_path / "local.parquet"))
     assert (tmp_path / "ray.rejects.jsonl").read_text() == (tmp_path / "local.rejects.jsonl").read_text()
+
+
+# Resuming checks, on the engine's own steps (no Ray needed to run them)
+
+
+def test_resuming_refuses_other_settings_a_changed_input_file_and_other_weights(small, tmp_path):  # noqa: F811
+    from layerfuse.errors import ArgumentValueError
+    from layerfuse.run.inputs import Inputs
+    from layerfuse.run.ray_engine import RayJob, WriteBlocks, _prepare, read_shards
+
+    (tmp_path / "c.txt").write_text("one text\n\nthree\n")
+    settings = {"model": small, "fusion": None, "info": None, "saved": None, "pooling": None, "normalize": None}
+    settings |= {"max_length": None, "batch_size": 4, "bucket": True}
+    job = RayJob(Inputs(tmp_path / "c.txt"), tmp_path / "out", tmp_path / "out.rejects.jsonl", 2, False, settings)
+    assert _prepare(job, resume=False) == {}
+    other = RayJob(job.inputs, job.output, job.rejects, 3, False, settings)
+    with pytest.raises(ArgumentValueError, match=r"made with other settings \(shard_size\)"):
+        _prepare(other, resume=True)
+
+    path = str((tmp_path / "c.txt").resolve())
+    batch = pa.table({"bytes": [(tmp_path / "c.txt").read_bytes()], "path": [path]})
+    options = {"inputs": job.inputs, "numbers": {path: 0}, "size": 2, "folder": str(job.partial)}
+    shards = [table.to_pylist()[0] for table in read_shards(batch, done={}, **options)]
+    assert [(shard["name"], shard["rows"]) for shard in shards] == [
+        ("part-000000-000000", 2),
+        ("part-000000-000001", 1),
+    ]
+    kept = {"part-000000-000000": shards[0]["input_sha256"]}
+    assert [table["name"][0].as_py() for table in read_shards(batch, done=kept, **options)] == ["part-000000-000001"]
+    with pytest.raises(ArgumentValueError, match=r"c\.txt changed since it began"):
+        list(read_shards(batch, done={"part-000000-000000": "0" * 64}, **options))
+
+    writer = WriteBlocks(settings, str(job.partial), None, False, False, model_sha256=None)
+    rows = writer(pa.Table.from_pylist(shards[:1]))
+    assert rows.to_pylist() == [{"name": "part-000000-000000", "rows": 2}]
+    counts = json.loads((job.partial / "part-000000-000000.json").read_text())
+    assert (counts["rows"], counts["written"], counts["rejected"]) == (2, 1, {"empty text": 1})
+    changed = WriteBlocks(settings, str(job.partial), None, False, False, model_sha256="0" * 64)
+    with pytest.raises(ArgumentValueError, match="made with other weights"):
+        changed(pa.Table.from_pylist(shards[1:]))
+    assert not (job.partial / "part-000000-000001.json").exists()
