@@ -316,7 +316,9 @@ def run_on_ray(
         paths = [_ray_path(name) for name in inputs.names]
         filesystem = pa_fs.FileSystem.from_uri(inputs.names[0])[0] if inputs.remote else None
         blocks = (
-            ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True, num_cpus=0)
+            ray.data.read_binary_files(
+                paths, filesystem=filesystem, include_paths=True, num_cpus=0, concurrency=workers
+            )
             .map_batches(
                 read_shards,
                 fn_kwargs={
@@ -328,7 +330,8 @@ def run_on_ray(
                 },
                 batch_size=1,
                 batch_format="pyarrow",
-                num_cpus=0,
+                num_cpus=0,  # the actors hold the CPUs: beside them, as many parsing tasks as actors
+                compute=ray.data.TaskPoolStrategy(size=workers),
             )
             .map_batches(
                 WriteBlocks,
