@@ -475,6 +475,65 @@ def test_the_cli_runs_a_csv_and_prints_the_summary(small, tmp_path, capsys):
     assert pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == ["1", "3"]
 
 
+def test_a_folder_a_glob_and_a_list_of_files_are_one_corpus_named_by_file_and_row(small, tmp_path, capsys):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    first, second = tmp_path / "corpus" / "b.jsonl", tmp_path / "corpus" / "sub" / "a.jsonl"
+    texts = {first: write_corpus(first, 14, seed=1), second: write_corpus(second, 5, seed=2)}
+    (tmp_path / "corpus" / "notes.md").write_text("not a corpus file\n")
+    info = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    given = {
+        "folder": [str(tmp_path / "corpus")],
+        "glob": [str(tmp_path / "corpus" / "**" / "*.jsonl")],
+        "list": [str(second), str(first)],
+    }
+    tables = {}
+    for form, paths in given.items():
+        output = tmp_path / f"{form}.parquet"
+        options = ["--model", str(small), "--layer", "1", "--info", str(tmp_path / "info.pt"), "--id-column", "id"]
+        torch.save(info, tmp_path / "info.pt")
+        assert main(["run", *paths, "-o", str(output), *options, "--shard-size", "4", "--quiet"]) == 0
+        assert "wrote 16 of 19 rows" in capsys.readouterr().out
+        tables[form] = pq.read_table(output)
+        rejects = [json.loads(line) for line in output.with_suffix(".rejects.jsonl").read_text().splitlines()]
+        assert sorted((r["file"], r["row"], r["reason"]) for r in rejects) == [
+            (str(first), 3, "empty text"),
+            (str(first), 11, "not JSON"),
+            (str(second), 3, "empty text"),
+        ]
+    good = {first: [i for i in range(14) if i not in (3, 11)], second: [0, 1, 2, 4]}
+    named = [(str(path), row) for path in (first, second) for row in good[path]]
+    table = tables["folder"]
+    assert table.column_names == ["file", "row", "id", "embedding"]
+    assert list(zip(table["file"].to_pylist(), table["row"].to_pylist())) == named
+    assert tables["glob"].equals(table)
+    listed = tables["list"]
+    assert list(zip(listed["file"].to_pylist(), listed["row"].to_pylist())) == named[-4:] + named[:-4]
+    expected = reference_embeddings(
+        small, [texts[path][i] for path in (first, second) for i in good[path]], layer=1, info=info
+    )
+    numpy.testing.assert_allclose(read_embeddings(tmp_path / "folder.parquet"), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout, options, message",
+    [
+        ({"a.txt": "one\n", "b.csv": "text\ntwo\n"}, {}, "several formats (.csv, .txt): give files of one format"),
+        ({"a.txt": "one\n", "b.txt": "two\n"}, {"info": (2, 32)}, "numbered by the rows of one file"),
+        ({"notes.md": "no corpus\n"}, {}, "holds or matches no .txt, .jsonl, .csv, .parquet file"),
+        ({"a.txt": "one\n"}, {"twice": True}, "is given twice: name each input file once"),
+    ],
+)
+def test_inputs_of_several_files_are_refused_before_any_work(small, tmp_path, layout, options, message):
+    (tmp_path / "in").mkdir()
+    for name, text in layout.items():
+        (tmp_path / "in" / name).write_text(text)
+    input = [tmp_path / "in" / "a.txt"] * 2 if options.get("twice") else tmp_path / "in"
+    info = torch.ones(options["info"]) if "info" in options else torch.ones(32)
+    with pytest.raises(layerfuse.LayerfuseError, match=re.escape(message)):
+        embed_corpus(input, tmp_path / "out.parquet", model=small, fusion=FusionConfig(layer=1), info=info)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in"]
+
+
 # Bad arguments: refused before any work, nothing written
 
 

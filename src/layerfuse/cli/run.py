@@ -29,7 +29,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "rejects file; a killed run carries on with --resume. Exit code 1 if some embeddings held NaN or "
         "infinity (they are rejected, not written), 2 for bad arguments.",
     )
-    parser.add_argument("input", metavar="INPUT", help=".txt (one text a line), .jsonl, .csv or .parquet")
+    parser.add_argument(
+        "input",
+        metavar="INPUT",
+        nargs="+",
+        help=".txt (one text a line), .jsonl, .csv or .parquet; or several of one format: paths, a folder or a glob",
+    )
     parser.add_argument(
         "--output",
         "-o",
@@ -110,7 +115,7 @@ def execute(args: argparse.Namespace) -> int:
 
     config, info = run_fusion(args)
     summary = embed_corpus(
-        args.input,
+        args.input[0] if len(args.input) == 1 else args.input,
         args.output,
         model=args.model,
         fusion=config,
@@ -142,7 +147,7 @@ def interrupted(args: argparse.Namespace) -> str:
     from ..run.job import partial_folder
 
     partial = partial_folder(Path(args.output))
-    if args.engine == "local" and partial.is_dir():
+    if partial.is_dir():
         return f"the finished shards are kept in {partial}: carry on with the same command and --resume"
     return "no shard was finished: run the command again"
 

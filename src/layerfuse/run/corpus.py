@@ -22,12 +22,13 @@ Text(row=3, text='last text', id=None)
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import os
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -85,36 +86,45 @@ def _checked(row: int, text: Any, text_column: str, id: Any = None, id_column: s
     return Text(row, text, id)
 
 
-def _count_lines(path: Path) -> int:
+def _count_lines(file: BinaryIO) -> int:
     lines, last = 0, b"\n"
-    with path.open("rb") as file:
+    with file:
         while chunk := file.read(1 << 20):
             lines += chunk.count(b"\n")
             last = chunk[-1:]
     return lines + (last != b"\n")
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def _lines(file: BinaryIO) -> Iterator[bytes]:
     """The lines of a file without their line ends, and without the UTF-8 byte order mark that may open it."""
-    with path.open("rb") as file:
+    with file:
         for number, line in enumerate(file):
             line = line.removesuffix(b"\n").removesuffix(b"\r")
             yield line.removeprefix(codecs.BOM_UTF8) if number == 0 else line
 
 
 class Corpus:
-    """A corpus file, checked on opening: it exists, its format is known and the columns are there."""
+    """A corpus file, checked on opening: it exists, its format is known and the columns are there.
+
+    `data`: the file's bytes, already read (by a Ray worker, say); `path` then only names it.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, text_column: str | None = None, id_column: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        text_column: str | None = None,
+        id_column: str | None = None,
+        data: bytes | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path, self.data = Path(path), data
         self.format = self.path.suffix.lower()
         if self.format not in FORMATS:
             raise ArgumentValueError(f"cannot read a corpus from {self.path.name}: use a {', '.join(FORMATS)} file")
-        if not self.path.is_file():
+        if data is None and not self.path.is_file():
             raise ArgumentValueError(f"no input file at {self.path}")
-        check_readable(self.path, "the input")
+        if data is None:
+            check_readable(self.path, "the input")
         if self.format == ".txt" and (text_column or id_column):
             raise ArgumentValueError(
                 "a .txt corpus holds one text a line and no columns: "
@@ -131,6 +141,13 @@ class Corpus:
         elif self.format == ".jsonl":
             self._check_jsonl(columns)
 
+    def _open(self) -> BinaryIO:
+        return self.path.open("rb") if self.data is None else io.BytesIO(self.data)
+
+    def _source(self) -> Any:
+        """The file as pyarrow reads it."""
+        return self.path if self.data is None else pa.BufferReader(self.data)
+
     def _check_columns(self, wanted: list[str], found: list[str], where: str) -> None:
         missing = [column for column in wanted if column not in found]
         if missing:
@@ -140,7 +157,7 @@ class Corpus:
 
     def _check_parquet(self, columns: list[str]) -> None:
         try:
-            schema = pq.read_schema(self.path)
+            schema = pq.read_schema(self._source())
         except (pa.ArrowException, OSError) as error:
             raise FileFormatError(f"cannot read {self.path} as Parquet: {error}") from error
         self._check_columns(columns, schema.names, "its columns are")
@@ -158,7 +175,7 @@ class Corpus:
     def _check_jsonl(self, columns: list[str]) -> None:
         """Refuse a column that none of the first JSON objects has: a misspelt name, not bad rows."""
         keys: set[str] = set()
-        for line in islice(_lines(self.path), JSONL_KEYS_CHECKED):
+        for line in islice(_lines(self._open()), JSONL_KEYS_CHECKED):
             try:
                 value = json.loads(line)
             except ValueError:
@@ -179,7 +196,7 @@ class Corpus:
 
         try:
             return pa_csv.open_csv(
-                self.path,
+                self._source(),
                 read_options=pa_csv.ReadOptions(use_threads=False),
                 parse_options=pa_csv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
                 convert_options=pa_csv.ConvertOptions(
@@ -195,16 +212,16 @@ class Corpus:
     def count(self) -> int:
         """The number of rows, bad ones included."""
         if self.format in (".txt", ".jsonl"):
-            return _count_lines(self.path)
+            return _count_lines(self._open())
         if self.format == ".parquet":
-            return pq.ParquetFile(self.path).metadata.num_rows
+            return pq.ParquetFile(self._source()).metadata.num_rows
         skipped: dict[int, Reject] = {}
         return sum(batch.num_rows for batch in self._csv_reader(skipped, [self.text_column])) + len(skipped)
 
     def rows(self, start: int = 0) -> Iterator[Text | Reject]:
         """Every row from row `start` on, in order, as a `Text` or a `Reject`."""
         if self.format in (".txt", ".jsonl"):
-            lines = islice(enumerate(_lines(self.path)), start, None)
+            lines = islice(enumerate(_lines(self._open())), start, None)
             return self._txt(lines) if self.format == ".txt" else self._jsonl(lines)
         rows = self._csv() if self.format == ".csv" else self._parquet()
         return (row for row in rows if row.row >= start)
@@ -252,7 +269,7 @@ class Corpus:
 
     def _parquet(self) -> Iterator[Text | Reject]:
         row = 0
-        for batch in pq.ParquetFile(self.path).iter_batches(columns=self._columns()):
+        for batch in pq.ParquetFile(self._source()).iter_batches(columns=self._columns()):
             texts = batch.column(self.text_column).to_pylist()
             ids = batch.column(self.id_column).to_pylist() if self.id_column else [None] * len(texts)
             for text, id in zip(texts, ids):

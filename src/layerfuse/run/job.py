@@ -28,12 +28,12 @@ import torch
 from ..config import FusionConfig
 from ..errors import ArgumentValueError, positive_int
 from ..paths import check_writable
-from .corpus import Corpus
 from .embedding import Embedder, embedding_type
 from .formats import check_output_format
-from .fusion import describe, file_digest, model_digest, run_fusion
+from .fusion import describe, file_digest, model_digest, row_info, run_fusion
+from .inputs import Inputs, Spec
 from .local import run_local
-from .ray_engine import run_on_ray
+from .ray_engine import RayJob, run_on_ray
 from .shards import finished_shards
 from .summary import RunSummary
 from .tables import output_schema
@@ -43,9 +43,9 @@ ENGINES = ("local", "ray")
 
 @dataclass(frozen=True)
 class Job:
-    """A checked run: the corpus and its row count, where to write, and how the engines embed."""
+    """A checked run: the corpus and its row count, where to write, and how the local engine embeds."""
 
-    corpus: Corpus
+    inputs: Inputs
     rows: int
     output: Path
     rejects: Path
@@ -62,11 +62,13 @@ class Job:
     def settings(self) -> dict[str, Any]:
         """Everything that decides the output, as JSON: a run resumes only under the same settings."""
         embedder = {key: value for key, value in self.embedder.items() if key not in ("fusion", "info", "saved")}
+        paths = [Path(name) for name in self.inputs.names]
+        one = not self.inputs.many
         return {
-            "input": str(self.corpus.path.resolve()),
-            "input_sha256": file_digest(self.corpus.path),
-            "text_column": self.corpus.text_column,
-            "id_column": self.corpus.id_column,
+            "input": str(paths[0].resolve()) if one else [str(path.resolve()) for path in paths],
+            "input_sha256": file_digest(paths[0]) if one else [file_digest(path) for path in paths],
+            "text_column": self.inputs.text_column or "text",
+            "id_column": self.inputs.id_column,
             "schema": self.schema.to_string(),
             "shard_size": self.shard_size,
             **embedder,
@@ -102,15 +104,16 @@ def partial_folder(output: Path) -> Path:
 
 
 def _check_paths(
-    input: Path, output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool, folder: bool
+    inputs: Inputs, output: Path, rejects: Path, partial: Path, *, overwrite: bool, resume: bool, folder: bool
 ) -> None:
     """Refuse paths that are one another, or that the job could not write: all before any work.
 
     `folder`: the output is a folder (the Ray engine's), not a file.
     """
-    named = {"the input": input, "the output": output, "the rejects file": rejects, "the partial folder": partial}
+    named = [("the input", Path(name)) for name in inputs.names if not inputs.remote]
+    named += [("the output", output), ("the rejects file", rejects), ("the partial folder", partial)]
     seen: dict[Path, str] = {}
-    for what, path in named.items():
+    for what, path in named:
         where = path.resolve()
         if where in seen:
             raise ArgumentValueError(
@@ -135,7 +138,7 @@ def _check_paths(
 
 
 def embed_corpus(
-    input: str | os.PathLike[str],
+    input: Spec | list[Spec],
     output: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | None = None,
@@ -165,37 +168,44 @@ def embed_corpus(
     `saved` names a saved fusion's folder, which supplies the config, info and parameters not given.
 
     `input` is a .txt (one text a line), .jsonl, .csv or .parquet file, with `text_column` (default
-    "text") and `id_column`. The `output` name says its format: .parquet (columns `row`, `id`, `text`
+    "text") and `id_column`; or several of one format: a folder, a glob or a list (`Inputs`), whose
+    rows are named by `file` and `row`. The `output` name says its format: .parquet (columns `row`, `id`, `text`
     if `include_text`, `embedding`), .npy or .safetensors; with `engine="ray"`, a folder of Parquet
-    files. Bad rows are skipped and listed in `rejects` (default: the output's name with
-    .rejects.jsonl). `pooling`, `normalize` and `max_length` default to a sentence-transformers folder's
-    own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's limit. `backend`
-    "onnx" runs the forwards in ONNX Runtime, on the model exported once with its fusion. The
-    local engine writes shards of `shard_size` rows as it goes; `resume` carries on an interrupted run.
+    files (see `ray_engine`). Bad rows are skipped and listed in `rejects` (default: the output's name
+    with .rejects.jsonl). `pooling`, `normalize` and `max_length` default to a sentence-transformers
+    folder's own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's
+    limit. `backend` "onnx" runs the forwards in ONNX Runtime, on the model exported once with its
+    fusion. Both engines write shards of `shard_size` rows as they go; `resume` carries on an
+    interrupted run.
     Bad arguments raise a `LayerfuseError` before any work.
     """
     if engine not in ENGINES:
         raise ArgumentValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     positive_int("shard size", shard_size)
-    corpus = Corpus(input, text_column=text_column, id_column=id_column)
+    inputs = Inputs(input, text_column=text_column, id_column=id_column, check="first" if engine == "ray" else "all")
     output = Path(output)
     if engine == "ray":
         if output.suffix not in ("", ".parquet"):
             raise ArgumentValueError(f"the ray engine writes a folder of Parquet files, not {output.suffix}")
-        if resume:
-            raise ArgumentValueError("the ray engine does not resume (Ray retries failed tasks): use the local engine")
         if importlib.util.find_spec("ray") is None:
             raise ArgumentValueError("the ray engine needs Ray: pip install 'layerfuse[ray]'")
     else:
         check_output_format(output, pooling)
         if ray_address is not None or workers is not None:
             raise ArgumentValueError("a Ray address and workers are for the ray engine (--engine ray)")
+        if inputs.remote:
+            raise ArgumentValueError("the local engine reads local files: run remote ones with --engine ray")
     rejects = Path(rejects) if rejects is not None else output.with_suffix(".rejects.jsonl")
     _check_paths(
-        corpus.path, output, rejects, partial_folder(output), overwrite=overwrite, resume=resume, folder=engine == "ray"
+        inputs, output, rejects, partial_folder(output), overwrite=overwrite, resume=resume, folder=engine == "ray"
     )
-    rows = corpus.count()
     fusion, info = run_fusion(fusion, info, saved)
+    per_row = row_info(fusion, info)
+    if per_row is not None and inputs.many:
+        raise ArgumentValueError(
+            "info with one row per corpus row is numbered by the rows of one file: "
+            "give one input file, or one info for every row"
+        )
     settings: dict[str, Any] = {
         "model": model,
         "fusion": fusion,
@@ -208,23 +218,28 @@ def embed_corpus(
         "bucket": bucket,
         "backend": backend,
     }
+    rows = inputs.count() if engine == "local" or per_row is not None else None
+    if per_row is not None and len(per_row) != rows:
+        raise ArgumentValueError(
+            f"the info has {len(per_row)} rows but {Path(inputs.names[0]).name} has {rows}: give one info row "
+            "per corpus row, bad rows included, or one info for every row"
+        )
+    if engine == "ray":
+        ray_job = RayJob(inputs, output, rejects, shard_size=shard_size, include_text=include_text, embedder=settings)
+        return run_on_ray(ray_job, address=ray_address, workers=workers, resume=resume, progress=progress)
     with Embedder.load(**settings) as embedder:
-        if embedder.rows_info is not None and len(embedder.rows_info) != rows:
-            raise ArgumentValueError(
-                f"the info has {len(embedder.rows_info)} rows but {corpus.path.name} has {rows}: give one info row "
-                "per corpus row, bad rows included, or one info for every row"
-            )
+        schema = output_schema(
+            embedding_type(embedder.hidden_size, embedder.pooling), inputs.id_type, include_text, file=inputs.many
+        )
         job = Job(
-            corpus,
+            inputs,
             rows,
             output,
             rejects,
-            schema=output_schema(embedding_type(embedder.hidden_size, embedder.pooling), corpus.id_type, include_text),
+            schema=schema,
             shard_size=shard_size,
             embedder=settings
             | {"pooling": embedder.pooling, "normalize": embedder.normalize, "max_length": embedder.max_length},
             model_sha256=model_digest(embedder.model),
         )
-        if engine == "local":
-            return run_local(job, embedder, resume=resume, progress=progress)
-    return run_on_ray(job, address=ray_address, workers=workers, progress=progress)
+        return run_local(job, embedder, resume=resume, progress=progress)

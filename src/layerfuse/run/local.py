@@ -18,7 +18,7 @@ from .embedding import Embedder
 from .formats import write_output
 from .shards import ShardStore, atomic_write
 from .summary import RunSummary
-from .tables import corpus_shards, nonfinite_rejects, output_rows
+from .tables import nonfinite_rejects, output_rows
 
 if TYPE_CHECKING:
     from .job import Job
@@ -31,7 +31,7 @@ def run_local(job: Job, embedder: Embedder, *, resume: bool = False, progress: b
     resumed = store.next_row
     try:
         with tqdm(total=job.rows, initial=resumed, unit="rows", disable=not progress, dynamic_ncols=True) as bar:
-            for shard in corpus_shards(job.corpus, job.shard_size, start=resumed):
+            for shard in job.inputs.shards(job.shard_size, skip=len(store.shards)):
                 bar.update(len(shard.rejects))
                 embedded = embedder(shard.table, progress=bar.update)
                 store.add(
@@ -40,6 +40,7 @@ def run_local(job: Job, embedder: Embedder, *, resume: bool = False, progress: b
                     sorted(shard.rejects + nonfinite_rejects(embedded)),
                     rows=shard.rows,
                     truncated=pc.sum(embedded.column("truncated")).as_py() or 0,
+                    file=shard.file,
                 )
     except BaseException:
         if not store.shards:  # nothing to resume: leave nothing behind

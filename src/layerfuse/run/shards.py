@@ -66,9 +66,10 @@ def finished_shards(folder: Path) -> int | None:
     return len(shards) if isinstance(shards, list) else None
 
 
-def rejects_jsonl(rejects: list[Reject]) -> str:
-    """Rejects as JSON lines: row, reason, detail."""
-    return "".join(json.dumps(reject._asdict()) + "\n" for reject in rejects)
+def rejects_jsonl(rejects: list[Reject], file: str | None = None) -> str:
+    """Rejects as JSON lines: row, reason, detail; led by the `file` they are from, if given."""
+    named = {} if file is None else {"file": file}
+    return "".join(json.dumps(named | reject._asdict()) + "\n" for reject in rejects)
 
 
 class ShardStore:
@@ -154,12 +155,14 @@ class ShardStore:
         text = json.dumps(manifest, indent=1)
         atomic_write(self.folder / MANIFEST, lambda path: path.write_text(text))
 
-    def add(self, index: int, table: pa.Table, rejects: list[Reject], *, rows: int, truncated: int) -> None:
-        """Store shard `index`: the `table` to write, its `rejects`, the corpus `rows` it covers."""
+    def add(
+        self, index: int, table: pa.Table, rejects: list[Reject], *, rows: int, truncated: int, file: str | None = None
+    ) -> None:
+        """Store shard `index`: the `table` to write, its `rejects` (from `file`), the corpus `rows` it covers."""
         name = f"shard-{index:06d}"
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        files = {"parquet": sink.getvalue().to_pybytes(), "rejects.jsonl": rejects_jsonl(rejects).encode()}
+        files = {"parquet": sink.getvalue().to_pybytes(), "rejects.jsonl": rejects_jsonl(rejects, file).encode()}
         for suffix, data in files.items():
             atomic_write(self.folder / f"{name}.{suffix}", lambda path, data=data: path.write_bytes(data))
         reasons: dict[str, int] = {}
