@@ -12,6 +12,7 @@ from .base import (
     make_method,
     method_names,
     method_parameters,
+    recorded_arguments,
     register_method,
 )
 from .fixed import Ablate, Addition, Clamp, Interpolate, Multiplication, Project, Replace, Scale
@@ -38,5 +39,6 @@ __all__ = [
     "make_method",
     "method_names",
     "method_parameters",
+    "recorded_arguments",
     "register_method",
 ]
