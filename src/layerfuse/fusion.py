@@ -295,7 +295,10 @@ def prepare_fusion(
     if weight is not None:
         # Weights offloaded by accelerate are on "meta" until its hooks move them in: the forward moves the info.
         device = None if weight.is_meta else weight.device
-        fusion_method.to(device=device, dtype=weight.dtype)
+        if (
+            fusion_method._parameters or fusion_method._buffers or fusion_method._modules
+        ):  # else `to` has nothing to move
+            fusion_method.to(device=device, dtype=weight.dtype)
         fusion_info.to(weight.dtype, device)
     return Fusion(model, where, fusion_method, fusion_info, config.approach, fusion_positions)
 

@@ -38,15 +38,16 @@ class _Reads:
     """What one lookup of the model `root` read, each once: a module's child by name (or that it has none), an
     attribute, a module's number of children.
 
-    Keyed by the owner's id and the name: `children` holds (owner, child), `attributes` (owner, value,
-    whether it was in the owner's `__dict__`), `lengths` (owner, number). The model itself is recorded
-    as `_ROOT`, and `root` is None once the lookup is done.
+    Keyed by the owner's id and the name: `children` holds (owner, name, child), `attributes` (owner,
+    name, value, and the owner's `__dict__` where the value was found there), `lengths` (owner, number),
+    `parameters` (owner, its parameters). The model itself is recorded as `_ROOT`, and `root` is None
+    once the lookup is done.
     """
 
     def __init__(self, root: nn.Module) -> None:
         self.root: nn.Module | None = root
         self.children: dict[tuple[int, str], tuple[Any, str, nn.Module | None]] = {}
-        self.attributes: dict[tuple[int, str], tuple[Any, str, object, bool]] = {}
+        self.attributes: dict[tuple[int, str], tuple[Any, str, object, dict[str, Any] | None]] = {}
         self.lengths: dict[int, tuple[Any, int]] = {}
         self.parameters: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self.complete = True
@@ -61,8 +62,10 @@ class _Reads:
             if (root if owner is _ROOT else owner)._modules.get(name) is not child:
                 return False
         for owner, name, value, stored in self.attributes.values():
-            obj = root if owner is _ROOT else owner
-            got = obj.__dict__.get(name, _MISSING) if stored else getattr(obj, name, None)
+            if stored is not None:
+                got = stored.get(name, _MISSING)
+            else:
+                got = getattr(root if owner is _ROOT else owner, name, None)
             if got is not (root if value is _ROOT else value):
                 return False
         for owner, parameters in self.parameters.values():
@@ -146,7 +149,9 @@ def attribute(obj: object, name: str) -> Any:
     value = getattr(obj, name, None)
     reads = _READS.get()
     if reads is not None:
-        stored = getattr(obj, "__dict__", {}).get(name, _MISSING) is value
+        stored = getattr(obj, "__dict__", None)
+        if not isinstance(stored, dict) or stored.get(name, _MISSING) is not value:
+            stored = None
         reads.attributes[id(obj), name] = (reads.owner(obj), name, reads.owner(value), stored)
     return value
 
