@@ -73,7 +73,7 @@ def transformer_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: some libraries make a class per instance
 def _from_library(model_class: type[nn.Module], library: str) -> bool:
     return any(cls.__module__.split(".")[0] == library for cls in model_class.__mro__)
 

@@ -277,7 +277,7 @@ def _first_input(module: nn.Module) -> str:
     return _first_parameter(attribute(module, "__class__"))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: some libraries make a class per instance
 def _first_parameter(cls: type[nn.Module]) -> str:
     parameters = list(signature(cls.forward).parameters)
     return parameters[1] if len(parameters) > 1 else "hidden_states"

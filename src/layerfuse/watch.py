@@ -52,7 +52,7 @@ def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") 
     return parameters.index(name)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: some libraries make a class per instance
 def _parameters(cls: type[nn.Module]) -> tuple[str, ...]:
     """The parameters of the forward of `cls`, after `self`: those of its instances' `model.forward`."""
     return tuple(inspect.signature(cls.forward).parameters)[1:]
