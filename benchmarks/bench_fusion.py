@@ -1,8 +1,9 @@
 """The figures of docs/performance.md: `layerfuse bench` on the embedded MiniLM BERT, saved under docs/.
 
 Runs the default grid (plain vs hook vs custom layer at 1x8, 8x64, 32x128 and 16x512 tokens, 1 and 2
-threads; every fixed method at 1x8; peak memory in fresh processes), prints the Markdown tables and
-writes docs/bench.json and docs/bench.png. About 4.5 minutes on 2 cores; --compile adds the compiled
+threads; every fixed method at 1x8; peak memory in fresh processes) and the per-call protocol (a fusion
+made and removed around every forward at batch 1; fuse() + remove() alone), prints the Markdown tables
+and writes docs/bench.json and docs/bench.png. About 4.5 minutes on 2 cores; --compile adds the compiled
 forwards (about a minute more).
 
     python benchmarks/bench_fusion.py

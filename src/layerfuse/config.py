@@ -29,7 +29,7 @@ import torch
 
 from .approaches import APPROACHES
 from .errors import ArgumentTypeError, ArgumentValueError, UnknownNameError
-from .methods import Method, check_arguments, make_method, method_parameters
+from .methods import Method, check_arguments, make_method, method_parameters, recorded_arguments
 from .positions import Positions, PositionsLike
 from .sites import check_site
 
@@ -70,7 +70,7 @@ class FusionConfig:
             defaults = {key: p.default for key, p in method_parameters(cls).items() if p.default is not p.empty}
             arguments = {**defaults, **self.arguments}
         else:
-            arguments = {**self.arguments, **cls(**self.arguments).arguments()}
+            arguments = {**self.arguments, **recorded_arguments(cls, self.arguments)}
         check_site(self.layer, self.site, self.stack)
         if not isinstance(self.approach, str) or self.approach not in APPROACHES:
             raise UnknownNameError(f"unknown approach {self.approach!r}: use one of {', '.join(APPROACHES)}")

@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import chain
@@ -29,6 +30,7 @@ from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
 from .generation import watch_generate
 from .info import Info, check_tensor
+from .lookups import first_parameter, remembered
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
@@ -241,8 +243,20 @@ class Fusion:
         )
 
 
+_LOADED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Models found with no weight on "meta": looked through again only once their first weight is there."""
+
+
 def _first_weight(model: nn.Module) -> torch.Tensor | None:
     """The model's first parameter, after refusing weights on "meta" that no accelerate hook loads at the forward."""
+    weight = remembered(model, "first parameter", lambda: first_parameter(model))
+    if model in _LOADED and not (weight is not None and weight.is_meta):
+        return weight
+    _check_loaded(model)
+    return weight
+
+
+def _check_loaded(model: nn.Module) -> None:
     hooked = [name for name, module in model.named_modules() if hasattr(module, "_hf_hook")]
     for name, tensor in chain(model.named_parameters(), model.named_buffers()):
         if tensor.is_meta and not any(not prefix or name.startswith(f"{prefix}.") for prefix in hooked):
@@ -251,7 +265,8 @@ def _first_weight(model: nn.Module) -> torch.Tensor | None:
                 "under accelerate's init_empty_weights): load them first, e.g. with accelerate's "
                 "load_checkpoint_and_dispatch, or model.to_empty(device=...) and load_state_dict"
             )
-    return next(model.parameters(), None)
+    if not hooked and not any(tensor.is_meta for tensor in chain(model.parameters(), model.buffers())):
+        _LOADED.add(model)
 
 
 def prepare_fusion(
@@ -280,7 +295,10 @@ def prepare_fusion(
     if weight is not None:
         # Weights offloaded by accelerate are on "meta" until its hooks move them in: the forward moves the info.
         device = None if weight.is_meta else weight.device
-        fusion_method.to(device=device, dtype=weight.dtype)
+        if (
+            fusion_method._parameters or fusion_method._buffers or fusion_method._modules
+        ):  # else `to` has nothing to move
+            fusion_method.to(device=device, dtype=weight.dtype)
         fusion_info.to(weight.dtype, device)
     return Fusion(model, where, fusion_method, fusion_info, config.approach, fusion_positions)
 

@@ -25,6 +25,7 @@ import numpy
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import FileFormatError, InfoShapeError, InfoTypeError, InfoValueError
 
@@ -133,6 +134,37 @@ def _check_finite(info: torch.Tensor, source: torch.dtype | None = None) -> None
         )
 
 
+_COPIES = WeakIdKeyDictionary()
+"""For a small info tensor of the caller's, the checked copy made of it last, while the tensor lives."""
+SMALL = 1 << 16
+"""The most elements an info may have for its checked copy to be kept for the next fusion of the same tensor."""
+
+
+def _checked_copy(info: torch.Tensor) -> torch.Tensor:
+    """A copy of `info` after refusing non-finite values; for the same small tensor with the same values
+    as at its last copy, that copy again, without a check: `fuse` called per batch with one info copies it once.
+
+    A tensor that requires grad is copied with its graph every time.
+    """
+    if info.requires_grad:
+        _check_finite(info)
+        return info.clone()
+    earlier = _COPIES.get(info)
+    if (
+        earlier is not None
+        and earlier.shape == info.shape
+        and earlier.dtype == info.dtype
+        and earlier.device == info.device
+        and torch.equal(earlier, info)
+    ):
+        return earlier
+    _check_finite(info)
+    copy = info.detach().clone()
+    if info.numel() <= SMALL:
+        _COPIES[info] = copy
+    return copy
+
+
 class Info:
     """Validated info, kept prepared in the hidden states' dtype and device, checked against each forward."""
 
@@ -160,8 +192,7 @@ class Info:
             )
         shapes = LAYOUTS[layout]
         shapes.check(tuple(info.shape), size)
-        _check_finite(info)
-        self.source = info.clone() if info.requires_grad else info.detach().clone()
+        self.source = _checked_copy(info)
         if shapes.is_batched(info.ndim):
             self.batch_size = info.shape[0]
         if shapes.is_per_token(info.ndim):

@@ -9,6 +9,7 @@ a local folder or the Hugging Face hub, with a clear error instead of network re
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -57,9 +58,9 @@ def transformer_of(model: nn.Module) -> nn.Module:
     >>> transformer_of(nn.Linear(2, 2))
     Linear(in_features=2, out_features=2, bias=True)
     """
-    if _from_library(model, "peft") and callable(getattr(model, "get_base_model", None)):
+    if _from_library(type(model), "peft") and callable(getattr(model, "get_base_model", None)):
         return model.get_base_model()
-    if not (isinstance(model, nn.Sequential) and _from_library(model, "sentence_transformers")):
+    if not (isinstance(model, nn.Sequential) and _from_library(type(model), "sentence_transformers")):
         return model
     first = model[0] if len(model) else None
     inner = getattr(first, "auto_model", None)
@@ -72,8 +73,9 @@ def transformer_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _from_library(model: nn.Module, library: str) -> bool:
-    return any(cls.__module__.split(".")[0] == library for cls in type(model).__mro__)
+@functools.lru_cache(maxsize=256)  # bounded: some libraries make a class per instance
+def _from_library(model_class: type[nn.Module], library: str) -> bool:
+    return any(cls.__module__.split(".")[0] == library for cls in model_class.__mro__)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -20,6 +20,7 @@ lists every site.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from inspect import signature
@@ -30,6 +31,7 @@ import transformers
 from torch import nn
 
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, LayerIndexError
+from .lookups import attribute, length, remembered, submodule, unrecorded
 
 Point = Literal["input", "output"]
 SITES = ("output", "input", "attention", "mlp", "embeddings")
@@ -138,13 +140,21 @@ class Site:
 
 
 def _base(model: nn.Module) -> nn.Module:
+    """The transformers base model of `model` (itself for a base model), found by the child its `base_model_prefix` names."""
     base = getattr(model, "base_model", model)
-    return base if isinstance(base, nn.Module) else model
+    if not isinstance(base, nn.Module):
+        return model
+    prefix = attribute(model, "base_model_prefix")
+    if not (isinstance(prefix, str) and submodule(model, prefix) is (None if base is model else base)):
+        unrecorded()
+    return base
 
 
 def _config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if not isinstance(getattr(config, "num_hidden_layers", None), int) or config.num_hidden_layers < 1:
+    config = attribute(model, "config")
+    layers = attribute(config, "num_hidden_layers")
+    attribute(config, "model_type")
+    if not isinstance(layers, int) or layers < 1:
         raise ArchitectureError(
             f"cannot locate the blocks of {type(model).__name__}: expected a Hugging Face transformers "
             "model whose config has num_hidden_layers, such as the one layerfuse.load_model() returns; "
@@ -157,13 +167,6 @@ def _names(model: nn.Module) -> dict[int, str]:
     return {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
 
 
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def stacks(model: nn.Module) -> tuple[str, ...]:
     """The names of the model's stacks of blocks that `stack=` chooses from; () for a model of one unnamed stack.
 
@@ -173,7 +176,7 @@ def stacks(model: nn.Module) -> tuple[str, ...]:
     """
     layouts = STACKED_LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", ""), {})
     base = _base(model)
-    return tuple(name for name, layout in layouts.items() if _get(base, layout.blocks) is not None)
+    return tuple(name for name, layout in layouts.items() if submodule(base, layout.blocks) is not None)
 
 
 def _choices(names: tuple[str, ...]) -> str:
@@ -207,6 +210,7 @@ def _layout(model: nn.Module, stack: str | None) -> tuple[str | None, Layout | N
 def _albert_blocks(model: nn.Module, groups: nn.ModuleList, count: int) -> list[Block]:
     if any(len(group.albert_layers) != 1 for group in groups):
         raise ArchitectureError("ALBERT with inner_group_num > 1 is not supported: pass a module name as site")
+    length(groups)
     names, calls, blocks = _names(model), {}, []
     for i in range(count):
         module = groups[int(i / (count / len(groups)))].albert_layers[0]
@@ -220,15 +224,16 @@ def find_blocks(model: nn.Module, stack: str | None = None) -> list[Block]:
     config = _config(model)
     name, layout = _layout(model, stack)
     count, base = config.num_hidden_layers, _base(model)
-    if layout is not None and (blocks := _get(base, layout.blocks)) is not None:
+    if layout is not None and (blocks := submodule(base, layout.blocks)) is not None:
         if config.model_type == "albert":
             return _albert_blocks(model, blocks, count)
-        count = len(blocks) if name is not None else count
+        count = length(blocks) if name is not None else count
         candidates = [blocks]
     else:
+        unrecorded()  # a walk of every module: its result may change with any of them
         candidates = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     names = _names(model)
-    if len(candidates) != 1 or len(candidates[0]) != count:
+    if len(candidates) != 1 or length(candidates[0]) != count:
         found = ", ".join(names[id(m)] for m in candidates) or "none"
         raise ArchitectureError(
             f"cannot locate the blocks of {type(model).__name__}: expected one nn.ModuleList of "
@@ -242,7 +247,8 @@ def find_final_norm(model: nn.Module, stack: str | None = None) -> nn.Module | N
     """The norm a model applies after the last block of its (chosen) stack (what `hidden_states[N]` reports), if any."""
     base, (_, layout) = _base(model), _layout(model, stack)
     if layout is not None:
-        return _get(base, layout.final_norm) if layout.final_norm else None
+        return submodule(base, layout.final_norm) if layout.final_norm else None
+    unrecorded()
     children = dict(base.named_children())
     return next((children[n] for n in _FINAL_NORM_NAMES if n in children), None)
 
@@ -250,7 +256,7 @@ def find_final_norm(model: nn.Module, stack: str | None = None) -> nn.Module | N
 def find_embeddings(model: nn.Module, stack: str | None = None) -> nn.Module | None:
     """The module whose output is the first block's input (`hidden_states[0]`), where the layout names one."""
     base, (_, layout) = _base(model), _layout(model, stack)
-    return next((m for path in (layout.embeddings if layout else ()) if (m := _get(base, path)) is not None), None)
+    return next((m for path in (layout.embeddings if layout else ()) if (m := submodule(base, path)) is not None), None)
 
 
 def find_sublayer(model: nn.Module, block: Block, kind: str, stack: str | None = None) -> nn.Module:
@@ -258,7 +264,7 @@ def find_sublayer(model: nn.Module, block: Block, kind: str, stack: str | None =
     _, layout = _layout(model, stack)
     paths = (getattr(layout, kind),) if layout else _ATTENTION_NAMES if kind == "attention" else _MLP_NAMES
     for path in paths:
-        if (module := _get(block.module, path)) is not None:
+        if (module := submodule(block.module, path)) is not None:
             return module
     children = ", ".join(name for name, _ in block.module.named_children())
     raise ArchitectureError(
@@ -268,7 +274,12 @@ def find_sublayer(model: nn.Module, block: Block, kind: str, stack: str | None =
 
 
 def _first_input(module: nn.Module) -> str:
-    parameters = list(signature(type(module).forward).parameters)
+    return _first_parameter(attribute(module, "__class__"))
+
+
+@functools.lru_cache(maxsize=256)  # bounded: some libraries make a class per instance
+def _first_parameter(cls: type[nn.Module]) -> str:
+    parameters = list(signature(cls.forward).parameters)
     return parameters[1] if len(parameters) > 1 else "hidden_states"
 
 
@@ -306,12 +317,13 @@ def check_site(layer: int | None, site: str, stack: str | None = None) -> int | 
 
 def _named_module(model: nn.Module, site: str) -> Site:
     """The site of the module named `site`, refused where a fusion there could never run."""
-    module = _get(model, site)
+    module = submodule(model, site)
     if module is None:
         raise ArgumentValueError(
             f"unknown site {site!r}: use one of {', '.join(SITES)} with a layer, "
             "or the dotted name of a module of the model (see layerfuse.inspect(model) or `layerfuse inspect`)"
         )
+    attribute(module, "__class__")
     if isinstance(module, torch.jit.ScriptModule):
         raise ArchitectureError(
             f"site {site!r} is a TorchScript module, whose compiled forward runs no Python hooks: "
@@ -332,6 +344,7 @@ def _stack_of(model: nn.Module, module: nn.Module) -> dict[str, str | None]:
     named = stacks(model)
     if not named:
         return {"stack": None, "attention_mask": "attention_mask"}
+    unrecorded()  # which stacks hold the module is found by walking them
     layouts = STACKED_LAYOUTS[model.config.model_type]
     roots = {name: _base(model).get_submodule(layouts[name].blocks.rpartition(".")[0]) for name in named}
     inside = [name for name, root in roots.items() if any(inner is module for inner in root.modules())]
@@ -341,8 +354,25 @@ def _stack_of(model: nn.Module, module: nn.Module) -> dict[str, str | None]:
 
 
 def resolve_site(model: nn.Module, *, layer: int | None = None, site: str = "output", stack: str | None = None) -> Site:
-    """Resolve `layer` and `site` (of the `stack` it chooses, in an encoder-decoder) to the module and point that a fusion edits."""
+    """Resolve `layer` and `site` (of the `stack` it chooses, in an encoder-decoder) to the module and point that a fusion edits.
+
+    The site is remembered per model while the modules and attributes it was found by stay as they were
+    (see `lookups`): the next call costs a few dictionary look-ups.
+    """
     layer = check_site(layer, site, stack)
+    return remembered(model, ("site", layer, site, stack), lambda: _found_by_path(model, layer, site, stack))
+
+
+def _found_by_path(model: nn.Module, layer: int | None, site: str, stack: str | None) -> Site:
+    """The site, after a look-up of its module by its name from the model itself, so that a module replaced
+    anywhere along that path (a block, its list, the base model) is seen by `remembered`'s check."""
+    found = _resolve(model, layer, site, stack)
+    if submodule(model, found.name) is not found.module:
+        unrecorded()
+    return found
+
+
+def _resolve(model: nn.Module, layer: int | None, site: str, stack: str | None) -> Site:
     if site not in SITES:
         return _named_module(model, site)
     stack, layout = _layout(model, stack)
@@ -383,18 +413,25 @@ def hidden_size_at(model: nn.Module, site: Site) -> int:
     >>> hidden_size_at(model, resolve_site(model, site="0"))
     6
     """
+    return remembered(model, ("width", site.name), lambda: _width(model, site))
+
+
+def _width(model: nn.Module, site: Site) -> int:
     parts = site.name.split(".")
+    if submodule(model, site.name) is not site.module:
+        unrecorded()  # a site of a module no longer at its name: its width is not the name's
     for end in range(len(parts), -1, -1):
-        holder = _get(model, ".".join(parts[:end]))
-        size = getattr(getattr(holder, "config", None), "hidden_size", None)
+        holder = submodule(model, ".".join(parts[:end]))
+        size = attribute(attribute(holder, "config"), "hidden_size")
         if isinstance(size, int) and not isinstance(size, bool):
             return size
     module = site.module
+    attribute(module, "__class__")
     if isinstance(module, nn.Linear):
-        return module.out_features
+        return attribute(module, "out_features")
     if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return attribute(module, "embedding_dim")
+    if isinstance(module, nn.LayerNorm) and attribute(module, "normalized_shape"):
         return module.normalized_shape[-1]
     raise ArchitectureError(
         f"cannot tell the hidden size at site {site.name!r} ({type(module).__name__}): it is in no transformers "

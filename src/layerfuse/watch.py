@@ -42,13 +42,20 @@ def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") 
             f"positions 'tokens', 'first' and 'last' read the attention mask, and the site is in none or both of the "
             f"stacks of {type(model).__name__}, each with a mask of its own: give token indices or a boolean mask"
         )
-    parameters = list(inspect.signature(model.forward).parameters)
+    forward = model.__dict__.get("forward")
+    parameters = _parameters(type(model)) if forward is None else list(inspect.signature(forward).parameters)
     if name not in parameters:
         raise ArchitectureError(
             f"positions 'tokens', 'first' and 'last' read the attention mask, but "
             f"{type(model).__name__}.forward takes no {name}: give token indices or a boolean mask"
         )
     return parameters.index(name)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: some libraries make a class per instance
+def _parameters(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The parameters of the forward of `cls`, after `self`: those of its instances' `model.forward`."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
 
 
 _NONE = object()

@@ -158,7 +158,10 @@ def test_cli_json_and_plot(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [(p["batch"], p["tokens"], p["method"]) for p in data["points"]] == [(1, 4, "addition")]
     assert {c["method"] for c in data["fusion_costs"]} == set(FIXED_METHODS)
+    assert [(p["threads"], p["rounds"]) for p in data["per_call"]] == [(1, 1)]
     assert png.read_bytes().startswith(PNG)
+    assert main(["bench", "--shapes", "1x4", "--threads", "1", "--rounds", "1", "--no-memory", "--no-per-call"]) == 0
+    assert "Per call" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -189,3 +192,27 @@ def test_library_bad_input():
         bench(threads=(0,))
     with pytest.raises(layerfuse.ArgumentValueError, match="shapes"):
         bench(shapes=((1, 0),))
+
+
+def test_per_call_protocol_beside_the_attached_once_grid():
+    report = bench(shapes=((1, 4),), threads=(1, 2), methods=("addition",), rounds=2, memory=False)
+    variants = ["hook", "layer", "hook tokens", "layer tokens"]
+    assert [(point.threads, point.rounds, point.method) for point in report.per_call] == [
+        (1, 2, "addition"),
+        (2, 2, "addition"),
+    ]
+    for point in report.per_call:
+        assert sorted(point.seconds) == sorted(["plain", *variants])
+        for name in variants:
+            per_round = sorted(f / p for f, p in zip(point.seconds[name], point.seconds["plain"]))
+            assert point.ratio(name).median == pytest.approx(sum(per_round) / 2)
+        assert sorted(point.attach) == sorted([*variants, "one forward hook"])
+        assert all(0 < s.q1 <= s.median <= s.q3 for s in point.attach.values())
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [p["threads"] for p in data["per_call"]] == [1, 2]
+    assert set(data["per_call"][0]["ratio_to_plain"]) == set(variants)
+    assert set(data["per_call"][0]["fuse_remove_seconds"]) == {*variants, "one forward hook"}
+    table = report.table()
+    assert "Per call: `with fuse(model, v, layer=3): model(**batch)`" in table
+    assert "| hook / plain | layer / plain | hook tokens / plain | layer tokens / plain |" in table
+    assert table.count("| 1 | 2 | ") == 1 and "| fuse+remove, hook |" in table

@@ -1,4 +1,4 @@
-"""`layerfuse bench`: plain against fused forwards over a grid of shapes and threads, peak memory, a plot.
+"""`layerfuse bench`: plain against fused forwards over a grid of shapes and threads, per call, peak memory, a plot.
 
 Only this command's function imports the bench module, so the help names the grid's default shapes and
 threads without their values, which live beside `bench()` alone; the report lists the ones it ran.
@@ -28,7 +28,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="time plain against fused forwards over a grid of shapes and threads; peak memory; a plot",
         description="Time the plain forward, the hook and the custom layer, interleaved forward by forward "
         "after warm-up rounds, at every batch x tokens shape and thread count; every fixed method end to end "
-        "at the smallest shape and alone at every shape; the peak memory of one forward per variant in fresh "
+        "at the smallest shape and alone at every shape; per call, a fusion made and removed around every forward "
+        "at batch 1, and fuse() + remove() alone; the peak memory of one forward per variant in fresh "
         "processes. Prints medians, interquartile ranges and ratios to the plain forward; progress goes to "
         "stderr. The default grid takes about 4.5 minutes on 2 cores.",
     )
@@ -48,8 +49,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="CPU thread counts (default: the standard grid's)",
     )
     parser.add_argument(
-        "--rounds", type=int, help="timed forwards per variant at every shape (default: by shape, 80 down to 6)"
+        "--rounds",
+        type=int,
+        help="timed forwards per variant at every shape and per call (default: by shape, 80 down to 6; 200 per call)",
     )
+    parser.add_argument("--no-per-call", action="store_true", help="skip the per-call protocol")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument(
         "--compile",
@@ -76,6 +80,7 @@ def execute(args: argparse.Namespace) -> int:
         layer=args.layer,
         rounds=args.rounds,
         memory=not args.no_memory,
+        per_call=not args.no_per_call,
         compiled=args.compile,
         device=args.device,
         dtype=args.dtype,

@@ -12,6 +12,7 @@ from .base import (
     make_method,
     method_names,
     method_parameters,
+    recorded_arguments,
     register_method,
 )
 from .fixed import Ablate, Addition, Clamp, Erase, Interpolate, Multiplication, Project, Replace, Scale
@@ -39,5 +40,6 @@ __all__ = [
     "make_method",
     "method_names",
     "method_parameters",
+    "recorded_arguments",
     "register_method",
 ]

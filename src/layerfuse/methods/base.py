@@ -10,6 +10,7 @@ Addition(alpha=0.5)
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal, TypeVar
@@ -137,13 +138,39 @@ def method_names() -> list[str]:
 
 def method_parameters(cls: type[Method]) -> dict[str, inspect.Parameter]:
     """The arguments a method's constructor takes, except those `fuse` fills in (sizes)."""
+    return dict(_constructor_parameters(cls))
+
+
+@functools.cache
+def _constructor_parameters(cls: type[Method]) -> tuple[tuple[str, inspect.Parameter], ...]:
+    """`method_parameters` of a class, read from its constructor's signature once."""
     signature = inspect.signature(cls.__init__)
-    return {
-        name: parameter
+    return tuple(
+        (name, parameter)
         for name, parameter in list(signature.parameters.items())[1:]
         if name not in ("hidden_size", "info_size")
         and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-    }
+    )
+
+
+def recorded_arguments(cls: type[Method], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """What a method of class `cls` built with `arguments` records of itself (`Method.arguments()`), with the
+    checks its constructor makes; for arguments of immutable values, built once per class and arguments.
+
+    >>> recorded_arguments(METHODS["scale"], {"alpha": 2})
+    {'alpha': 2.0}
+    """
+    key = tuple((name, type(value), value) for name, value in arguments.items())
+    try:
+        hash(key)
+    except TypeError:
+        return cls(**arguments).arguments()
+    return dict(_recorded(cls, key))
+
+
+@functools.lru_cache(maxsize=1024)
+def _recorded(cls: type[Method], key: tuple[tuple[str, type, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    return tuple(cls(**{name: value for name, _, value in key}).arguments().items())
 
 
 def check_arguments(name: str, arguments: Mapping[str, Any]) -> type[Method]:

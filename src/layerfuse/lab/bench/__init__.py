@@ -4,13 +4,17 @@ For each batch × tokens shape and thread count, the plain forward, the hook and
 interleaved forward by forward on twins of the model that share its weights, after warm-up rounds; the
 report gives medians, interquartile ranges and each fused forward's time over the plain one's in the
 same round. Every fixed method also runs end to end at the smallest shape, and alone (its
-`Fusion.apply` on a hidden state of each shape), as a share of the plain forward. Also the tensor
+`Fusion.apply` on a hidden state of each shape), as a share of the plain forward. Beside this
+attached-once protocol, the per-call one (`per_call`): a fusion made and removed around every forward
+at batch 1, and `fuse()` + `remove()` alone. Also the tensor
 memory of one forward per variant (its peak and its total), each in a fresh process; optionally
 `torch.compile`d plain against compiled fused forwards.
 
 >>> report = bench(shapes=((1, 4),), threads=(1,), methods=("addition",), rounds=1, memory=False)
 >>> [(point.batch, point.tokens, sorted(point.timings)) for point in report.points]
 [(1, 4, ['hook', 'layer', 'plain'])]
+>>> [(point.threads, point.rounds) for point in report.per_call]
+[(1, 1)]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .compiled import time_compiled
 from .grid import (
     DTYPES,
     FIXED_METHODS,
+    METHOD_ARGUMENTS,
     SHAPES,
     THREADS,
     Cost,
@@ -41,8 +46,9 @@ from .grid import (
     time_point,
 )
 from .memory import measure_memory
+from .per_call import TEXT, PerCall, time_per_call
 from .plot import plot, require_matplotlib
-from .report import Report, environment, point_row
+from .report import Report, environment, per_call_row, point_row
 
 __all__ = [
     "DTYPES",
@@ -50,6 +56,7 @@ __all__ = [
     "SHAPES",
     "THREADS",
     "Cost",
+    "PerCall",
     "Point",
     "Report",
     "bench",
@@ -84,6 +91,7 @@ def bench(
     threads: Sequence[int] = THREADS,
     rounds: int | None = None,
     memory: bool = True,
+    per_call: bool = True,
     compiled: bool = False,
     compile_shapes: Sequence[tuple[int, int]] = SHAPES[:2],
     compile_backend: str = "inductor",
@@ -95,7 +103,8 @@ def bench(
 
     The grid is `shapes` × `threads` for `method` (at `layer`, default the middle block); each of
     `methods` also runs end to end at `method_shapes` and alone at every shape. `rounds` overrides
-    `rounds_for`. `memory` measures tensor memory at the largest shape, in fresh processes;
+    `rounds_for` (and the per-call protocol's 200). `per_call` times the per-call protocol at every thread
+    count (batch 1, `per_call.TEXT`). `memory` measures tensor memory at the largest shape, in fresh processes;
     `compiled` adds forwards compiled by `compile_backend` at `compile_shapes`, with the most threads.
     """
     start = time.perf_counter()
@@ -111,12 +120,14 @@ def bench(
     learned = [m for m in [method, *methods] if METHODS[m].learned]
     if learned:
         raise ArgumentValueError(f"bench times fixed methods; {', '.join(learned)} must be trained first")
-    network = load_model(model)[0].to(device=parsed_device, dtype=parsed_dtype)
+    network, tokenizer = load_model(model)
+    network = network.to(device=parsed_device, dtype=parsed_dtype)
     _check_positions(network, [*shapes, *method_shapes, *(compile_shapes if compiled else ())])
     layer = resolve_site(network, layer=middle_layer(network) if layer is None else layer).layer
     previous_threads = torch.get_num_threads()
     points: list[Point] = []
     costs: list[Cost] = []
+    per_calls: list[PerCall] = []
     try:
         for count in threads:
             torch.set_num_threads(count)
@@ -130,6 +141,20 @@ def bench(
                         points.append(time_point(network, batch, tokens, count, other, layer, rounds_here))
                         progress(point_row(points[-1]))
                     costs.append(time_cost(network, other, layer, batch, tokens, point))
+            if per_call:
+                inputs = {key: value.to(parsed_device) for key, value in tokenizer([TEXT], return_tensors="pt").items()}
+                per_calls.append(
+                    time_per_call(
+                        network,
+                        inputs,
+                        layer=layer,
+                        threads=count,
+                        method=method,
+                        arguments=METHOD_ARGUMENTS.get(method),
+                        **({} if rounds is None else {"rounds": rounds, "attach_calls": rounds}),
+                    )
+                )
+                progress(per_call_row(per_calls[-1]))
         compiled_points, compile_seconds = [], {}
         if compiled:
             torch.set_num_threads(max(threads))
@@ -166,6 +191,7 @@ def bench(
         environment=environment(parsed_device),
         points=points,
         costs=costs,
+        per_call=per_calls,
         memory=peak,
         compiled=compiled_points,
         compile_seconds=compile_seconds,

@@ -19,6 +19,7 @@ from layerfuse.approaches import APPROACHES
 from ..timing import Summary
 from .grid import Cost, Point
 from .memory import Memory
+from .per_call import TEXT, PerCall, variants
 
 TARGET = 1.02
 """The largest fused / plain median the grid aims for."""
@@ -37,6 +38,7 @@ class Report:
     points: list[Point]
     costs: list[Cost]
     memory: Memory | None = None
+    per_call: list[PerCall] = field(default_factory=list)
     compiled: list[Point] = field(default_factory=list)
     compile_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -64,6 +66,7 @@ class Report:
             "max_ratio": self.max_ratio(),
             "points": [point.to_dict() for point in self.points],
             "fusion_costs": [cost.to_dict() for cost in self.costs],
+            "per_call": [point.to_dict() for point in self.per_call],
             "memory": None if self.memory is None else self.memory.to_dict(),
             "compiled": [point.to_dict() for point in self.compiled],
             "compile_seconds": self.compile_seconds,
@@ -108,6 +111,30 @@ class Report:
                     + " | ".join("-" if c is None else f"{_time(c.seconds.median)} ({c.share:.2%})" for c in cells)
                     + " |"
                 )
+        if self.per_call:
+            names = list(variants())
+            lines += [
+                "",
+                f"Per call: `with fuse(model, v, layer={self.layer}): model(**batch)` around every forward, batch 1 "
+                f"({TEXT!r}), interleaved with the plain forward; ratios to it (IQR), and `fuse()` + `remove()` alone:",
+                "",
+                "| threads | timed | plain median (IQR) | " + " | ".join(f"{name} / plain" for name in names) + " |",
+                "|---|---|---|" + "---|" * len(names),
+            ]
+            lines += [per_call_row(point) for point in self.per_call]
+            lines += [
+                "",
+                "| threads | "
+                + " | ".join(f"fuse+remove, {name}" for name in names)
+                + " | one forward hook, add+remove |",
+                "|---|" + "---|" * (len(names) + 1),
+            ]
+            lines += [
+                f"| {point.threads} | "
+                + " | ".join(_spread(point.attach[name]) for name in [*names, "one forward hook"])
+                + " |"
+                for point in self.per_call
+            ]
         if self.memory is not None:
             memory = self.memory
             lines += [
@@ -152,6 +179,12 @@ def point_row(point: Point) -> str:
         f"| {point.batch} x {point.tokens} | {point.threads} | {point.method} | {point.rounds} | "
         f"{_spread(point.timings['plain'])} | {ratios} |"
     )
+
+
+def per_call_row(point: PerCall) -> str:
+    """One thread count of the per-call protocol as a row of the report's Markdown table."""
+    ratios = " | ".join(f"{r.median:.3f}x ({r.q1:.3f}-{r.q3:.3f})" for r in (point.ratio(name) for name in variants()))
+    return f"| {point.threads} | {point.rounds} | {_spread(point.timings['plain'])} | {ratios} |"
 
 
 def environment(device: torch.device) -> dict[str, str]:
