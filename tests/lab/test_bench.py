@@ -10,24 +10,44 @@ import pytest
 import torch
 
 import layerfuse
+from conftest import assert_unchanged, snapshot, tiny_bert
 from layerfuse.cli import main
 from layerfuse.lab.bench import FIXED_METHODS, Cost, Point, Report, bench, environment, measure_memory, plot, rounds_for
+from layerfuse.lab.bench.grid import attach_merged, time_point
 from layerfuse.lab.timing import Summary
+from layerfuse.lab.twins import shared_copy
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def check_point(point: Point, rounds: int) -> None:
-    assert sorted(point.timings) == ["hook", "layer", "plain"]
+    merged = ["merged"] if point.method != "ablate" else []  # ablate does not merge at a LayerNorm's output
+    assert sorted(point.timings) == sorted(["hook", "layer", "plain", *merged])
     assert point.rounds == rounds
     for summary in point.timings.values():
         assert 0 < summary.q1 <= summary.median <= summary.q3
     assert point.ratio("plain").median == 1.0
-    for approach in ("hook", "layer"):
+    for approach in ("hook", "layer", *merged):
         per_round = sorted(f / p for f, p in zip(point.seconds[approach], point.seconds["plain"]))
         middle = len(per_round) // 2
         median = per_round[middle] if len(per_round) % 2 else (per_round[middle - 1] + per_round[middle]) / 2
         assert point.ratio(approach).median == pytest.approx(median)
+
+
+def test_the_merged_twin_times_the_merged_model_and_leaves_the_model_as_it_was():
+    model = tiny_bert()
+    before = snapshot(model)
+    point = time_point(model, 1, 4, 1, "addition", 2, rounds=2)
+    assert "merged" in point.seconds and len(point.seconds["merged"]) == 2
+    assert_unchanged(model, before)
+    twin = shared_copy(model)
+    with attach_merged(twin, "addition", 2) as merged:
+        changed = {name for name, _ in twin.named_parameters()} & set(merged.parameters)
+        assert changed and all(twin.get_parameter(n) is not model.get_parameter(n) for n in changed)
+        assert all(
+            twin.get_parameter(n) is model.get_parameter(n) for n, _ in twin.named_parameters() if n not in changed
+        )
+    assert_unchanged(model, before)
 
 
 def test_grid_every_method_and_costs():

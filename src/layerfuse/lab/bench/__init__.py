@@ -1,7 +1,8 @@
 """`bench`: the cost of a fused forward against the plain one, over a grid of shapes and thread counts.
 
-For each batch × tokens shape and thread count, the plain forward, the hook and the custom layer run
-interleaved forward by forward on twins of the model that share its weights, after warm-up rounds; the
+For each batch × tokens shape and thread count, the plain forward, the hook, the custom layer and,
+where the fusion merges (`layerfuse.merge`), the merged model, a plain model whose cost is the plain
+forward's, run interleaved forward by forward on twins of the model that share its weights, after warm-up rounds; the
 report gives medians, interquartile ranges and each fused forward's time over the plain one's in the
 same round. Every fixed method also runs end to end at the smallest shape, and alone (its
 `Fusion.apply` on a hidden state of each shape), as a share of the plain forward. Beside this
@@ -12,7 +13,7 @@ memory of one forward per variant (its peak and its total), each in a fresh proc
 
 >>> report = bench(shapes=((1, 4),), threads=(1,), methods=("addition",), rounds=1, memory=False)
 >>> [(point.batch, point.tokens, sorted(point.timings)) for point in report.points]
-[(1, 4, ['hook', 'layer', 'plain'])]
+[(1, 4, ['hook', 'layer', 'merged', 'plain'])]
 >>> [(point.threads, point.rounds) for point in report.per_call]
 [(1, 1)]
 """
@@ -48,7 +49,7 @@ from .grid import (
 from .memory import measure_memory
 from .per_call import TEXT, PerCall, time_per_call
 from .plot import plot, require_matplotlib
-from .report import Report, environment, per_call_row, point_row
+from .report import GRID_VARIANTS, Report, environment, per_call_row, point_row
 
 __all__ = [
     "DTYPES",
@@ -135,11 +136,11 @@ def bench(
                 rounds_here = rounds or rounds_for(batch, tokens)
                 point = time_point(network, batch, tokens, count, method, layer, rounds_here)
                 points.append(point)
-                progress(point_row(point))
+                progress(point_row(point, GRID_VARIANTS))
                 for other in methods:
                     if other != method and (batch, tokens) in method_shapes:
                         points.append(time_point(network, batch, tokens, count, other, layer, rounds_here))
-                        progress(point_row(points[-1]))
+                        progress(point_row(points[-1], GRID_VARIANTS))
                     costs.append(time_cost(network, other, layer, batch, tokens, point))
             if per_call:
                 inputs = {key: value.to(parsed_device) for key, value in tokenizer([TEXT], return_tensors="pt").items()}

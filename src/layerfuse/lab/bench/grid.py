@@ -1,9 +1,10 @@
 """The grid of `bench`: batch × tokens shapes and thread counts, the forwards timed at each point, and each
 method's own cost there.
 
-At a point, the plain forward, the hook and the custom layer run interleaved forward by forward on twins
-of the model that share its weights (`time_point`); `time_cost` times a method's `Fusion.apply` alone on
-a hidden state of the point's shape.
+At a point, the plain forward, the hook, the custom layer and, where the fusion merges, the merged model
+run interleaved forward by forward on twins of the model that share its weights (`time_point`; the
+merged twin has its own copy of the parameters the merge changes); `time_cost` times a method's
+`Fusion.apply` alone on a hidden state of the point's shape.
 
 >>> [rounds_for(batch, tokens) for batch, tokens in SHAPES]
 [80, 32, 16, 6]
@@ -20,13 +21,15 @@ import torch
 from torch import nn
 
 from layerfuse.approaches import APPROACHES
-from layerfuse.errors import ArgumentValueError, positive_int
+from layerfuse.config import FusionConfig
+from layerfuse.errors import ArgumentValueError, MergeError, positive_int
 from layerfuse.fusion import Fusion, fuse
+from layerfuse.merging import Merged, merge, producer_of
 from layerfuse.methods import METHODS
 
 from ..compare import random_info
 from ..timing import Interleaved, Summary, time_calls
-from ..twins import side_by_side
+from ..twins import shared_copy, side_by_side
 
 SHAPES = ((1, 8), (8, 64), (32, 128), (16, 512))
 THREADS = (1, 2)
@@ -158,6 +161,24 @@ def twin_fusions(method: str, layer: int) -> dict[str, Callable[[nn.Module], Fus
     return {a: functools.partial(attach, method=method, layer=layer, approach=a) for a in APPROACHES}
 
 
+def attach_merged(twin: nn.Module, method: str, layer: int) -> Merged:
+    """`attach`'s fusion merged into `twin`, whose parameters that the merge changes are first made its own copies."""
+    config = FusionConfig(method=method, arguments=METHOD_ARGUMENTS.get(method, {}), layer=layer)
+    producer = producer_of(twin, config)
+    for name, parameter in list(producer.named_parameters(recurse=False)):
+        setattr(producer, name, nn.Parameter(parameter.detach().clone(), requires_grad=parameter.requires_grad))
+    return merge(twin, random_info(method, twin.config.hidden_size, seed=0), config)
+
+
+def merges(model: nn.Module, method: str, layer: int) -> bool:
+    """Whether `attach`'s fusion merges into `model` (tried on a twin; `model` is left as it was)."""
+    try:
+        attach_merged(shared_copy(model), method, layer).unmerge()
+    except MergeError:
+        return False
+    return True
+
+
 def forward(network: Callable[..., Any], inputs: dict[str, torch.Tensor], sync: Callable[[], None]) -> None:
     """One forward of `network` on `inputs`, waited for."""
     network(**inputs)
@@ -165,16 +186,18 @@ def forward(network: Callable[..., Any], inputs: dict[str, torch.Tensor], sync: 
 
 
 def time_point(model: nn.Module, batch: int, tokens: int, threads: int, method: str, layer: int, rounds: int) -> Point:
-    """Time `rounds` forwards each of the plain model, the hook and the custom layer at one grid point.
+    """Time `rounds` forwards each of the plain model, the hook, the custom layer and the merged model at one point.
 
-    The fusions sit on twins of the model that share its weights (`side_by_side`), so the three
+    The fusions sit on twins of the model that share its weights (`side_by_side`), so the
     forwards alternate call by call, in an order that turns round by round, with nothing attached or
     removed between them: each fused forward is paired with a plain one a moment apart, in the steady
     state of a user's loop of forwards.
     """
     inputs = random_inputs(model, batch, tokens)
     sync = synchronizer(next(model.parameters()).device)
-    fusions = twin_fusions(method, layer)
+    fusions: dict[str, Callable[[nn.Module], Any]] = {**twin_fusions(method, layer)}
+    if merges(model, method, layer):
+        fusions["merged"] = functools.partial(attach_merged, method=method, layer=layer)
     with torch.inference_mode(), side_by_side(model, fusions) as networks:
         calls = {name: functools.partial(forward, network, inputs, sync) for name, network in networks.items()}
         times = time_calls(calls, repeats=rounds, warmup=max(1, rounds // 10))

@@ -21,6 +21,9 @@ from .grid import Cost, Point
 from .memory import Memory
 from .per_call import TEXT, PerCall, variants
 
+GRID_VARIANTS = (*APPROACHES, "merged")
+"""The eager grid's fused variants: the approaches, and the merged model where the fusion merges."""
+
 TARGET = 1.02
 """The largest fused / plain median the grid aims for."""
 
@@ -81,10 +84,11 @@ class Report:
             f"torch {env['torch']}, transformers {env['transformers']}, {env['machine']}, "
             f"{env['cpus']} CPUs; {self.seconds:.0f} s in all",
             "",
-            "| batch x tokens | threads | method | timed | plain median (IQR) | hook / plain (IQR) | layer / plain (IQR) |",
-            "|---|---|---|---|---|---|---|",
+            "| batch x tokens | threads | method | timed | plain median (IQR) | hook / plain (IQR) | layer / plain (IQR) "
+            "| merged / plain (IQR) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        lines += [point_row(point) for point in self.points]
+        lines += [point_row(point, GRID_VARIANTS) for point in self.points]
         point, approach, ratio = self.largest()
         lines += [
             "",
@@ -172,9 +176,9 @@ class Report:
         return "\n".join(lines)
 
 
-def point_row(point: Point) -> str:
-    """One grid point as a row of the report's Markdown table."""
-    ratios = " | ".join(f"{r.median:.3f}x ({r.q1:.3f}-{r.q3:.3f})" for r in (point.ratio(a) for a in APPROACHES))
+def point_row(point: Point, variants: tuple[str, ...] = APPROACHES) -> str:
+    """One grid point as a row of the report's Markdown table: the ratio of each of `variants` ("-" where absent)."""
+    ratios = " | ".join(_ratio_cell(point, variant) for variant in variants)
     return (
         f"| {point.batch} x {point.tokens} | {point.threads} | {point.method} | {point.rounds} | "
         f"{_spread(point.timings['plain'])} | {ratios} |"
@@ -185,6 +189,13 @@ def per_call_row(point: PerCall) -> str:
     """One thread count of the per-call protocol as a row of the report's Markdown table."""
     ratios = " | ".join(f"{r.median:.3f}x ({r.q1:.3f}-{r.q3:.3f})" for r in (point.ratio(name) for name in variants()))
     return f"| {point.threads} | {point.rounds} | {_spread(point.timings['plain'])} | {ratios} |"
+
+
+def _ratio_cell(point: Point, variant: str) -> str:
+    if variant not in point.seconds:
+        return "-"
+    ratio = point.ratio(variant)
+    return f"{ratio.median:.3f}x ({ratio.q1:.3f}-{ratio.q3:.3f})"
 
 
 def environment(device: torch.device) -> dict[str, str]:
