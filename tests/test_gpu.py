@@ -104,6 +104,6 @@ def test_bench_in_half_precision(device):
         memory=device == "cuda",
     )
     assert report.device.startswith(device) and report.dtype == "bfloat16"
-    assert sorted(report.points[0].timings) == ["hook", "layer", "plain"]
+    assert sorted(report.points[0].timings) == ["hook", "layer", "merged", "plain"]
     if device == "cuda":
         assert report.memory.peak["plain"] > 0
