@@ -886,7 +886,7 @@ def test_a_run_killed_at_any_step_resumes_to_the_same_bytes(small, tmp_path, poi
 
 
 def test_an_interrupted_run_says_how_to_go_on_in_one_line(small, tmp_path):
-    write_corpus(tmp_path / "c.jsonl", count=1000, seed=5)
+    write_corpus(tmp_path / "c.jsonl", count=4000, seed=5)  # long enough that it is still running when interrupted
     partial = tmp_path / "out.parquet.partial"
     job = subprocess.Popen(
         run_command(small, tmp_path, "out.parquet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
