@@ -886,10 +886,16 @@ def test_a_run_killed_at_any_step_resumes_to_the_same_bytes(small, tmp_path, poi
 
 
 def test_an_interrupted_run_says_how_to_go_on_in_one_line(small, tmp_path):
-    write_corpus(tmp_path / "c.jsonl", count=4000, seed=5)  # long enough that it is still running when interrupted
+    write_corpus(tmp_path / "c.jsonl", count=1000, seed=5)
     partial = tmp_path / "out.parquet.partial"
     job = subprocess.Popen(
-        run_command(small, tmp_path, "out.parquet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        run_command(small, tmp_path, "out.parquet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C's default action, as a shell gives it: a library loaded earlier in the suite may have left
+        # SIGINT ignored in this process, which a child inherits
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         while job.poll() is None and not (
