@@ -93,12 +93,7 @@ PRODUCERS: dict[tuple[str, str], str] = {
 }
 """(model type, site) -> the module, under the site's module, whose output is the site's output."""
 
-RESIDUAL_WRITERS: dict[str, str] = {
-    "gpt2": "mlp.c_proj",
-    "gpt_neox": "mlp.dense_4h_to_h",
-    "modernbert": "mlp.Wo",
-    **{kind: "mlp.down_proj" for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
-}
+RESIDUAL_WRITERS: dict[str, str] = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
 """Model type -> the Linear, under a block, whose output the block adds last to its residual stream."""
 
 INSTEAD = "fuse it by hook or custom layer instead (layerfuse.fuse)"
