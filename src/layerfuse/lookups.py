@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -32,14 +33,17 @@ T = TypeVar("T")
 _ROOT = object()
 """Stands for the model itself in a recorded read, so that the cache never holds the model it is keyed on."""
 _MISSING = object()
+_ABSENT = object()
+"""Recorded in place of an owner's `__dict__` for an attribute that a module does not have at all."""
 
 
-class _Reads:
+class Reads:
     """What one lookup of the model `root` read, each once: a module's child by name (or that it has none), an
     attribute, a module's number of children.
 
     Keyed by the owner's id and the name: `children` holds (owner, name, child), `attributes` (owner,
-    name, value, and the owner's `__dict__` where the value was found there), `lengths` (owner, number),
+    name, value, and the owner's `__dict__` where the value was found there, or `_ABSENT` for a module
+    without that attribute anywhere), `lengths` (owner, number),
     `parameters` (owner, its parameters). The model itself is recorded as `_ROOT`, and `root` is None
     once the lookup is done.
     """
@@ -51,6 +55,7 @@ class _Reads:
         self.lengths: dict[int, tuple[Any, int]] = {}
         self.parameters: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self.complete = True
+        self._checks: tuple[list[Any], ...] | None = None
 
     def owner(self, obj: object) -> object:
         """`obj` as a read records it: the model itself as `_ROOT`."""
@@ -58,34 +63,67 @@ class _Reads:
 
     def holds(self, root: nn.Module) -> bool:
         """Whether every read would give, in the model `root` now, what it gave."""
-        for owner, name, child in self.children.values():
-            if (root if owner is _ROOT else owner)._modules.get(name) is not child:
+        checks = self._checks or self._compile()
+        modules, stored, absent, other, parameters, lengths = checks
+        own = root._modules
+        for children, name, child in modules:
+            if (own if children is None else children).get(name) is not child:
                 return False
-        for owner, name, value, stored in self.attributes.values():
-            if stored is not None:
-                got = stored.get(name, _MISSING)
-            else:
-                got = getattr(root if owner is _ROOT else owner, name, None)
-            if got is not (root if value is _ROOT else value):
+        for namespace, name, value in stored:
+            if namespace.get(name, _MISSING) is not value:
                 return False
-        for owner, parameters in self.parameters.values():
-            now = (root if owner is _ROOT else owner)._parameters
-            if len(now) != len(parameters) or any(a is not b for a, b in zip(now.values(), parameters)):
+        for owner, name in absent:
+            if _found_in_module(root if owner is _ROOT else owner, name):
                 return False
-        return all(len((root if owner is _ROOT else owner)._modules) == n for owner, n in self.lengths.values())
+        for owner, name, value in other:
+            if getattr(root if owner is _ROOT else owner, name, None) is not (root if value is _ROOT else value):
+                return False
+        for table, ids in parameters:
+            if tuple(map(id, (root._parameters if table is None else table).values())) != ids:
+                return False
+        return all(len(own if children is None else children) == size for children, size in lengths)
 
-    def add(self, other: _Reads) -> None:
+    def _compile(self) -> tuple[list[Any], ...]:
+        """The reads as the look-ups that `holds` makes: of dictionaries where it can (None: the model's own)."""
+
+        attributes = list(self.attributes.values())
+        self._checks = (
+            [
+                (None if owner is _ROOT else owner._modules, name, child)
+                for owner, name, child in self.children.values()
+            ],
+            [
+                (stored, name, value)
+                for _, name, value, stored in attributes
+                if isinstance(stored, dict) and value is not _ROOT
+            ],
+            [(owner, name) for owner, name, _, stored in attributes if stored is _ABSENT],
+            [
+                (owner, name, value)
+                for owner, name, value, stored in attributes
+                if not (stored is _ABSENT or (isinstance(stored, dict) and value is not _ROOT))
+            ],
+            [
+                (None if owner is _ROOT else owner._parameters, tuple(map(id, parameters)))
+                for owner, parameters in self.parameters.values()
+            ],
+            [(None if owner is _ROOT else owner._modules, size) for owner, size in self.lengths.values()],
+        )
+        return self._checks
+
+    def add(self, other: Reads) -> None:
         """Count `other`'s reads, of the same model, as this lookup's own."""
         self.children.update(other.children)
         self.attributes.update(other.attributes)
         self.lengths.update(other.lengths)
         self.parameters.update(other.parameters)
         self.complete = self.complete and other.complete
+        self._checks = None
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[object, _Reads]]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[object, Reads]]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
-_READS: ContextVar[_Reads | None] = ContextVar("layerfuse_reads", default=None)
+_READS: ContextVar[Reads | None] = ContextVar("layerfuse_reads", default=None)
 
 
 def remembered(model: nn.Module, key: Hashable, find: Callable[[], T]) -> T:
@@ -96,13 +134,8 @@ def remembered(model: nn.Module, key: Hashable, find: Callable[[], T]) -> T:
     if found is not None and found[1].holds(model):
         value, reads = found
     else:
-        reads = _Reads(model)
-        token = _READS.set(reads)
-        try:
+        with recording(model) as reads:
             value = find()
-        finally:
-            _READS.reset(token)
-        reads.root = None
         if _holds_root(value, model):
             reads.complete = False
         if reads.complete:
@@ -114,6 +147,29 @@ def remembered(model: nn.Module, key: Hashable, find: Callable[[], T]) -> T:
         else:
             outer.complete = False
     return value  # type: ignore[return-value]
+
+
+@contextmanager
+def recording(model: nn.Module) -> Iterator[Reads]:
+    """Record the reads that the lookups run within make of `model`; the record's `holds(model)` says later,
+    in a few dictionary look-ups, whether they would all give what they gave (if `complete`: all were recorded).
+
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> with recording(model) as reads:
+    ...     found = remembered(model, "first", lambda: submodule(model, "0"))
+    >>> reads.complete, reads.holds(model)
+    (True, True)
+    >>> model[0] = nn.Linear(2, 2)
+    >>> reads.holds(model)
+    False
+    """
+    reads = Reads(model)
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+        reads.root = None
 
 
 def _holds_root(value: object, model: nn.Module) -> bool:
@@ -149,11 +205,26 @@ def attribute(obj: object, name: str) -> Any:
     value = getattr(obj, name, None)
     reads = _READS.get()
     if reads is not None:
-        stored = getattr(obj, "__dict__", None)
-        if not isinstance(stored, dict) or stored.get(name, _MISSING) is not value:
+        stored: object = getattr(obj, "__dict__", None)
+        if isinstance(obj, nn.Module) and not _found_in_module(obj, name):
+            stored = _ABSENT
+        elif not isinstance(stored, dict) or stored.get(name, _MISSING) is not value:
             stored = None
         reads.attributes[id(obj), name] = (reads.owner(obj), name, reads.owner(value), stored)
     return value
+
+
+def _found_in_module(module: nn.Module, name: str) -> bool:
+    """Whether `getattr(module, name)` finds anything, seen in dictionaries only: the instance's, its parameters,
+    buffers and modules, and its class (looked up in C, without the exception a module's `__getattr__` raises)."""
+    stored = module.__dict__
+    return (
+        name in stored
+        or name in stored.get("_parameters", ())
+        or name in stored.get("_buffers", ())
+        or name in stored.get("_modules", ())
+        or getattr(type(module), name, _MISSING) is not _MISSING
+    )
 
 
 def length(modules: nn.Module) -> int:
