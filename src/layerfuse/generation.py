@@ -22,7 +22,6 @@ torch.Size([4, 4])
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,25 +30,24 @@ import torch
 from torch import nn
 
 from .errors import FusionStateError, InfoShapeError
+from .stand_ins import StandIn
 
 if TYPE_CHECKING:
     from .fusion import Fusion
 
 _NONE = object()
-_KEY = "_layerfuse_generate"
 _EXPAND = "_expand_inputs_for_generation"
-"""Where a model's `__dict__` keeps its `WatchedGenerate`; the method through which `generate` expands its inputs."""
+"""The method through which `generate` expands its inputs."""
 
 
-class WatchedGenerate:
+class WatchedGenerate(StandIn):
     """A model's `generate`, put in its place on the instance: it fits the per-example info of the fusions on the model to each call."""
 
+    method = "generate"
+
     def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self.model = model
-        self.previous = model.__dict__.get("generate", _NONE)
-        inner = model.generate
-        functools.update_wrapper(self, inner)
-        self.inner = inner
         self.fusions: list[Fusion] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -121,20 +119,12 @@ def watch_generate(model: nn.Module, fusion: Fusion) -> Callable[[], None] | Non
     """
     if not (callable(getattr(model, "generate", None)) and callable(getattr(model, _EXPAND, None))):
         return None
-    watched = model.__dict__.get(_KEY)
-    if watched is None or model.__dict__.get("generate") is not watched:
-        watched = WatchedGenerate(model)
-        model.__dict__["generate"] = model.__dict__[_KEY] = watched
+    watched = WatchedGenerate.on(model)
     watched.fusions.append(fusion)
 
     def remove() -> None:
         watched.fusions.remove(fusion)
-        if not watched.fusions and model.__dict__.get("generate") is watched:
-            if watched.previous is _NONE:
-                del model.__dict__["generate"]
-            else:
-                model.__dict__["generate"] = watched.previous
-            if model.__dict__.get(_KEY) is watched:
-                del model.__dict__[_KEY]
+        if not watched.fusions:
+            watched.take_off(model)
 
     return remove

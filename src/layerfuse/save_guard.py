@@ -18,33 +18,28 @@ False
 
 from __future__ import annotations
 
-import functools
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import refuse_copy
+from .stand_ins import StandIn
 
 if TYPE_CHECKING:
     from .fusion import Fusion
 
 _LOCK = threading.Lock()
 """Held while a guard is put on or taken off a model, so that fusions attached and removed from several threads agree."""
-_NONE = object()
-_KEY = "_layerfuse_save_guard"
-"""Where a model's `__dict__` keeps its `SaveGuard`; `_NONE` stands for "no save_pretrained on the instance"."""
 
 
-class SaveGuard:
+class SaveGuard(StandIn):
     """A model's `save_pretrained`, put in its place on the instance: it warns of the fusions it does not save."""
 
+    method = "save_pretrained"
+
     def __init__(self, model: nn.Module) -> None:
-        self.previous = model.__dict__.get("save_pretrained", _NONE)
-        inner = model.save_pretrained
-        functools.update_wrapper(self, inner)
-        self.inner = inner
+        super().__init__(model)
         self.model_name = type(model).__name__
         self.fusions: list[Fusion] = []
 
@@ -63,8 +58,6 @@ class SaveGuard:
             stacklevel=3,
         )
 
-    __reduce_ex__ = __deepcopy__ = refuse_copy
-
 
 def guard(fusion: Fusion) -> None:
     """Make `fusion.model.save_pretrained` warn of `fusion` until `unguard`; a model without one is left alone."""
@@ -72,26 +65,16 @@ def guard(fusion: Fusion) -> None:
     if not callable(getattr(model, "save_pretrained", None)):
         return
     with _LOCK:
-        current = model.__dict__.get(_KEY)
-        if current is None:
-            current = SaveGuard(model)
-            model.__dict__["save_pretrained"] = model.__dict__[_KEY] = current
-        current.fusions.append(fusion)
+        SaveGuard.on(model).fusions.append(fusion)
 
 
 def unguard(fusion: Fusion) -> None:
     """Stop warning of `fusion`, restoring the model's `save_pretrained` once no fusion is left; idempotent."""
     model = fusion.model
     with _LOCK:
-        current = model.__dict__.get(_KEY)
+        current = model.__dict__.get(SaveGuard.key)
         if current is None or fusion not in current.fusions:
             return
         current.fusions.remove(fusion)
-        if current.fusions:
-            return
-        if model.__dict__.get("save_pretrained") is current:
-            if current.previous is _NONE:
-                del model.__dict__["save_pretrained"]
-            else:
-                model.__dict__["save_pretrained"] = current.previous
-        del model.__dict__[_KEY]
+        if not current.fusions:
+            current.take_off(model)

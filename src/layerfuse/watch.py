@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, FusionStateError, refuse_copy
+from .errors import ArchitectureError, FusionStateError
+from .stand_ins import StandIn
 
 
 def attention_mask_index(model: nn.Module, name: str | None = "attention_mask") -> int:
@@ -58,21 +59,17 @@ def _parameters(cls: type[nn.Module]) -> tuple[str, ...]:
     return tuple(inspect.signature(cls.forward).parameters)[1:]
 
 
-_NONE = object()
-_KEY = "_layerfuse_forward"
-"""Where a model's `__dict__` keeps its `WatchedForward`; `_NONE` stands for "no forward on the instance"."""
 _LOCK = threading.Lock()
 """Held while a watch is put on or taken off a model; never in a forward."""
 
 
-class WatchedForward:
+class WatchedForward(StandIn):
     """A model's forward, put in its place on the instance: it tells the watches on the model when a forward starts and ends."""
 
+    method = "forward"
+
     def __init__(self, model: nn.Module) -> None:
-        self.previous = model.__dict__.get("forward", _NONE)
-        inner = model.forward
-        functools.update_wrapper(self, inner)
-        self.inner = inner
+        super().__init__(model)
         self.watches: list[ForwardWatch] = []
         self.thread = threading.local()
         self.handle = model.register_forward_pre_hook(self._called, prepend=True)
@@ -90,8 +87,6 @@ class WatchedForward:
         finally:
             for watch in watches:
                 watch.exit()
-
-    __reduce_ex__ = __deepcopy__ = refuse_copy
 
 
 class _ThreadState(threading.local):
@@ -130,10 +125,7 @@ class ForwardWatch:
         self.model = model
         self._thread = _ThreadState()
         with _LOCK:
-            watched = model.__dict__.get(_KEY)
-            if watched is None or model.__dict__.get("forward") is not watched:
-                watched = WatchedForward(model)
-                model.__dict__["forward"] = model.__dict__[_KEY] = watched
+            watched = WatchedForward.on(model)
             watched.watches.append(self)
         self._watched: WatchedForward | None = watched
 
@@ -186,14 +178,7 @@ class ForwardWatch:
             if watched is None:
                 return
             watched.watches.remove(self)
-            model = self.model
             if not watched.watches:
                 watched.handle.remove()
-            if not watched.watches and model.__dict__.get("forward") is watched:
-                if watched.previous is _NONE:
-                    del model.__dict__["forward"]
-                else:
-                    model.__dict__["forward"] = watched.previous
-                if model.__dict__.get(_KEY) is watched:
-                    del model.__dict__[_KEY]
+                watched.take_off(self.model)
         self.mask = None
