@@ -30,11 +30,12 @@ from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
 from .generation import watch_generate
 from .info import Info, check_tensor
-from .lookups import first_parameter, remembered
+from .lookups import first_parameter, recording, remembered
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
 from .positions import Positions, PositionsLike
+from .repeats import call_key, keep, kept
 from .save_guard import guard, unguard
 from .sites import Site, hidden_size_at, resolve_site
 from .watch import ForwardWatch, attention_mask_index
@@ -330,6 +331,11 @@ def fuse(
     "first", "last", token indices or a (B, T) mask. `info` has the shapes the method takes: for
     most, (H,), (B, H) or (B, T, H). Everything is checked before the model is touched.
     """
+    model = transformer_of(model)
+    key = call_key(config, (method, layer, site, stack, approach, positions), method_arguments)
+    found = None if key is None else kept(model, key, info)
+    if found is not None:
+        return Fusion(model, found.site, found.method, found.info, found.approach, found.positions).attach()
     config, instance = config_or_keywords(
         config,
         layer=layer,
@@ -340,7 +346,11 @@ def fuse(
         positions=positions,
         **method_arguments,
     )
-    return prepare_fusion(model, info, config, method=instance).attach()
+    with recording(model) as reads:
+        fusion = prepare_fusion(model, info, config, method=instance)
+    if key is not None and instance is None:
+        keep(model, key, fusion, reads, info)
+    return fusion.attach()
 
 
 class FusionGroup(Sequence[Fusion]):

@@ -1,0 +1,174 @@
+"""A `fuse` call repeated: the parts an identical earlier call checked and built, used again while they hold.
+
+`with fuse(model, v, layer=k): model(**batch)` around every batch makes the same fusion each time.
+The first call checks everything and builds the fusion's parts: its site, its method, the info cast
+and prepared. A later call with the same arguments on the same model gets a new `Fusion` of those
+parts, once a few look-ups say that nothing they came from has changed:
+
+- the modules and attributes the site and its width were found by, and the model's first weight
+  (`lookups.recording`), with that weight's dtype and device;
+- the method's arguments (`Method.arguments()`);
+- the info: the same tensor, of the same shape, dtype and device, with the same values.
+
+Anything else is checked and built anew, and kept in place of what was. Only calls whose arguments
+are plain values (strings, numbers, None, tuples or lists of ints) are kept: a `Method` instance, a
+learned method (new parameters every call), a positions mask, info that requires grad are built
+every time. The last few calls are kept per model, which is held weakly.
+
+>>> import torch
+>>> from transformers import BertConfig, BertModel
+>>> from layerfuse import fuse
+>>> model = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+>>> v = torch.ones(8)
+>>> with fuse(model, v, layer=1) as first:
+...     pass
+>>> with fuse(model, v, layer=1) as again:
+...     again.method is first.method and again is not first
+True
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import FusionConfig
+from .info import Info
+from .lookups import Reads, first_parameter, remembered
+from .methods import Method
+from .positions import Positions
+from .sites import Site
+
+if TYPE_CHECKING:
+    from .fusion import Fusion
+
+KEPT_PER_MODEL = 16
+"""How many distinct calls are kept per model; the oldest goes first."""
+_PLAIN = (str, int, float, type(None))
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a call built, with what it was built from: the fusion's parts (all but its model, which the
+    cache must not hold), the reads that found its site, the weight whose dtype and device it was cast
+    for, the method's arguments, and the caller's info tensor."""
+
+    site: Site
+    method: Method
+    info: Info
+    approach: str
+    positions: Positions
+    reads: Reads
+    weight: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+    arguments: dict[str, Any]
+    given: weakref.ref[torch.Tensor] | None
+
+
+_KEPT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Kept]] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def call_key(config: FusionConfig | None, fields: tuple[Any, ...], arguments: Mapping[str, Any]) -> Hashable | None:
+    """The key of a `fuse` call: its config, or its keywords (`fields` in a fixed order, None where not
+    given, and the method's `arguments`), each value with its type; None for a call that is not kept
+    (see the module's docstring).
+
+    >>> call_key(None, (2, None), {"alpha": 0.5, "beta": 1.0}) == call_key(None, (2, None), {"beta": 1.0, "alpha": 0.5})
+    True
+    >>> call_key(None, (2,), {"alpha": 1}) == call_key(None, (2,), {"alpha": 1.0})
+    False
+    """
+    if config is not None:
+        if not isinstance(config, FusionConfig) or any(value is not None for value in fields) or arguments:
+            return None  # refused by `config_or_keywords`
+        fields = (config.method, config.layer, config.site, config.stack, config.approach, config.positions)
+        arguments = config.arguments
+    key: list[Hashable] = [config is not None]
+    for value in fields:
+        if (plain := _plain(value)) is None:
+            return None
+        key.append(plain)
+    for name in sorted(arguments):
+        if (plain := _plain(arguments[name])) is None:
+            return None
+        key.append((name, plain))
+    return tuple(key)
+
+
+def _plain(value: object) -> Hashable | None:
+    """`value` with its type, if it is a plain value or a tuple or list of ints; else None."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return kind, value
+    if kind in (tuple, list) and all(type(item) is int for item in value):  # type: ignore[attr-defined]
+        return kind, tuple(value)  # type: ignore[call-overload]
+    return None
+
+
+def keep(model: nn.Module, key: Hashable, fusion: Fusion, reads: Reads, info: torch.Tensor | None) -> None:
+    """Keep what the call `key` built on `model`, found by `reads`, if it may be used again; else nothing."""
+    weight = remembered(model, "first parameter", lambda: first_parameter(model))
+    if (
+        not reads.complete
+        or weight is None
+        or weight.is_meta
+        or fusion.method.learned
+        or fusion.site.module is model
+        or fusion.positions.mask is not None
+        or (info is not None and info.requires_grad)
+    ):
+        return
+    kept = Kept(
+        site=fusion.site,
+        method=fusion.method,
+        info=fusion.info,
+        approach=fusion.approach,
+        positions=fusion.positions,
+        reads=reads,
+        weight=weight,
+        dtype=weight.dtype,
+        device=weight.device,
+        arguments=fusion.method.arguments(),
+        given=None if info is None else weakref.ref(info),
+    )
+    with _LOCK:
+        calls = _KEPT.setdefault(model, {})
+        calls.pop(key, None)
+        calls[key] = kept
+        while len(calls) > KEPT_PER_MODEL:
+            del calls[next(iter(calls))]
+
+
+def kept(model: nn.Module, key: Hashable, info: torch.Tensor | None) -> Kept | None:
+    """What the call `key` built on `model` with `info`, if everything it was built from holds."""
+    calls = _KEPT.get(model)
+    found = None if calls is None else calls.get(key)
+    if found is None:
+        return None
+    weight = found.weight
+    if weight.dtype is not found.dtype or weight.device != found.device or not found.reads.holds(model):
+        return None
+    if found.method.arguments() != found.arguments:
+        return None
+    if info is None:
+        return found if found.given is None else None
+    source = found.info.source
+    if (
+        found.given is None
+        or found.given() is not info
+        or info.requires_grad
+        or info.dtype is not source.dtype
+        or info.shape != source.shape
+        or info.device != source.device
+        or not torch.equal(info, source)
+    ):
+        return None
+    return found
