@@ -54,7 +54,7 @@ from bench_run import sentences
 from layerfuse import FusionConfig
 from layerfuse.models import embedded_model_path
 from layerfuse.run import Embedder
-from layerfuse.run.onnx_backend import SPINNING
+from layerfuse.run.onnx_backend import NOT_SPINNING
 
 Pipeline = Callable[[list[str]], numpy.ndarray]
 REFERENCE = "layerfuse run"
@@ -128,7 +128,7 @@ def ort_forward(path: Path, threads: int | None, spinning: bool = True) -> Calla
     if threads is not None:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if not spinning:
-        for key, value in SPINNING.items():
+        for key, value in NOT_SPINNING.items():
             options.add_session_config_entry(key, value)
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [given.name for given in session.get_inputs()]
