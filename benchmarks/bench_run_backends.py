@@ -9,7 +9,9 @@ L2-normalised, tokenising included:
 - `SentenceTransformer.encode` on the fused SentenceTransformer;
 - a plain sorted-batch transformers loop on the fused model;
 - ONNX Runtime on the model exported (TorchScript exporter, eager attention) with the fusion
-  attached by hook: a default session, and the graph through onnxruntime's BERT optimizer;
+  attached by hook: a default session, and the graph through onnxruntime's BERT optimizer; that
+  graph again with the threads of `--backend onnx`'s session, which sleep between runs rather than
+  spin, and with ONNX Runtime's default number of threads (every core, whatever torch's setting);
 - OpenVINO with the f32 precision hint on that export, if `openvino` is installed (pip install openvino).
 
 It needs `pip install 'layerfuse[test]'` (onnxruntime, sentence-transformers).
@@ -52,6 +54,7 @@ from bench_run import sentences
 from layerfuse import FusionConfig
 from layerfuse.models import embedded_model_path
 from layerfuse.run import Embedder
+from layerfuse.run.onnx_backend import NOT_SPINNING
 
 Pipeline = Callable[[list[str]], numpy.ndarray]
 REFERENCE = "layerfuse run"
@@ -119,9 +122,14 @@ def sorted_loop(tokenizer, forward: Callable[[dict], torch.Tensor], batch_size: 
     return embed
 
 
-def ort_forward(path: Path, threads: int) -> Callable[[dict], torch.Tensor]:
+def ort_forward(path: Path, threads: int | None, spinning: bool = True) -> Callable[[dict], torch.Tensor]:
+    """A session on `threads` threads (None: ONNX Runtime's default, a thread per core), spinning or not between runs."""
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if not spinning:
+        for key, value in NOT_SPINNING.items():
+            options.add_session_config_entry(key, value)
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [given.name for given in session.get_inputs()]
     return lambda batch: torch.from_numpy(session.run(None, {name: batch[name].numpy() for name in names})[0])
@@ -169,6 +177,12 @@ def pipelines(threads: int, batch_size: int, info, config, exported: tuple[Path,
         "ONNX Runtime, fused export": sorted_loop(tokenizer, ort_forward(exported[0], threads), batch_size),
         "ONNX Runtime, fused export, BERT-optimised": sorted_loop(
             tokenizer, ort_forward(exported[1], threads), batch_size
+        ),
+        "ONNX Runtime, BERT-optimised, threads not spinning": sorted_loop(
+            tokenizer, ort_forward(exported[1], threads, spinning=False), batch_size
+        ),
+        "ONNX Runtime, BERT-optimised, default threads (all cores)": sorted_loop(
+            tokenizer, ort_forward(exported[1], None), batch_size
         ),
     }
     openvino = openvino_forward(exported[0], threads)

@@ -183,3 +183,17 @@ def test_what_the_onnx_backend_cannot_do_exits_2_before_any_work(small, tmp_path
     assert main(["run", "c.txt", "-o", "out.npy", "--model", str(small), "--backend", "onnx"]) == 2
     assert "pip install 'layerfuse[onnx]'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["c.txt", "rows.npy"]
+
+
+def test_the_session_runs_on_torch_threads_that_sleep_between_runs(small):  # noqa: F811
+    """Spinning threads would take the cores from tokenising and pooling between runs, and from other work."""
+    model, tokenizer = layerfuse.load_model(small)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        options = OnnxModel(model, tokenizer).session.get_session_options()
+    finally:
+        torch.set_num_threads(previous)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert options.get_session_config_entry(key) == "0", key

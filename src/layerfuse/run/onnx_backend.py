@@ -5,10 +5,11 @@ attention, whose graph onnxruntime's BERT optimizer fuses into its Attention, Sk
 and BiasGelu kernels. A fusion that merges (`layerfuse.merge`) is merged for the export, so the graph
 is the plain model's; any other is exported attached, by its hook or custom layer, whose operations
 the trace records, with the info a constant of the graph. The session runs with every graph
-optimisation (`ORT_ENABLE_ALL`) on as many threads as torch uses. Before it is used, the export is
-checked on a padded batch of another shape than the one traced: ONNX Runtime must give the PyTorch
-model's hidden states, else it is refused. The model is left as it was; the ONNX files, made in a
-temporary folder, are gone once the session holds the graph.
+optimisation (`ORT_ENABLE_ALL`) on as many threads as torch uses, which sleep between runs rather
+than spin (`NOT_SPINNING`), so that tokenising and pooling the batches between runs have the cores to
+themselves. Before it is used, the export is checked on a padded batch of another shape than the one
+traced: ONNX Runtime must give the PyTorch model's hidden states, else it is refused. The model is
+left as it was; the ONNX files, made in a temporary folder, are gone once the session holds the graph.
 
 ONNX Runtime is an extra: `pip install 'layerfuse[onnx]'`.
 
@@ -52,6 +53,9 @@ TOLERANCE = 1e-4
 TRACED = ["a short text", "a text"]
 CHECKED = ["one text that is longer than the texts traced", "a third", "another text"]
 """The padded batches the model is traced with and the export is checked on: of other sizes and lengths."""
+NOT_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+"""ONNX Runtime's threads block once a run is done: spinning, they would take the cores from the tokenizer, torch's
+pooling and any other work on the machine (on 2 busy cores, a run with spinning threads took 1.6x as long)."""
 
 
 def import_onnxruntime() -> Any:
@@ -166,6 +170,8 @@ class OnnxModel:
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
+            for key, value in NOT_SPINNING.items():
+                options.add_session_config_entry(key, value)
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.inputs = [given.name for given in self.session.get_inputs()]
             self._check(model(**{name: checked[name] for name in self.names}).last_hidden_state, checked)
