@@ -4,13 +4,17 @@ Memory: corpora of generated sentences (.jsonl files of 10k rows each; 20k and 2
 go through `layerfuse run --engine ray --workers 2` in a subprocess, with a small random BERT (the
 driver's memory does not depend on the model, which it never loads); the driver's peak resident set
 (VmHWM) is read from /proc while it runs. A driver that held the corpus or the output would grow
-with it; a streaming one stays flat. Throughput: one corpus through the local engine (torch's
-threads, one per core) and through the Ray engine (`--workers`, one CPU each), side by side, with
-the embedded model; each figure is a whole run, Ray's start and the model loads included.
+with it; a streaming one stays flat. Throughput: a corpus (20k rows by default, in files of 10k)
+through `layerfuse run` with the embedded model, as a command, on the local engine (torch's threads,
+one per core) and on the Ray engine (`--workers`, one CPU and one thread each), the engines taking
+turns; each time is the whole command's, Python's start, Ray's start and the model loads included.
+The same on a small corpus (500 rows) is each engine's fixed cost; the rows past it over the seconds
+past it, its steady rows/s.
 
     python benchmarks/bench_ray.py                              # both parts, docs/bench_ray.json
     python benchmarks/bench_ray.py --part memory                # the driver's memory only
-    python benchmarks/bench_ray.py --memory-rows 2000 4000 --throughput-rows 200   # a smoke run
+    python benchmarks/bench_ray.py --part throughput            # rows/s of both engines only
+    python benchmarks/bench_ray.py --memory-rows 2000 4000 --throughput-rows 1000 --small-rows 100   # a smoke run
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy
 import torch
@@ -96,30 +101,59 @@ def driver_memory(corpus: Path, model: Path, output: Path, workers: int) -> dict
     return {"driver_peak_rss_mib": round(peak / 2**20, 1), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def throughput(corpus: Path, folder: Path, workers: int) -> dict[str, float]:
-    """Rows/s of the local engine and of the Ray engine with `workers` workers, on the same corpus, one after the other."""
-    from layerfuse.run import embed_corpus
+def job_seconds(corpus: Path, output: Path, engine: str, workers: int) -> float:
+    """The wall time of `layerfuse run` on `corpus` with the embedded model, as a command: start to exit."""
+    command = [sys.executable, "-m", "layerfuse", "run", str(corpus), "-o", str(output), "--quiet"]
+    if engine == "ray":
+        command += ["--engine", "ray", "--workers", str(workers)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {engine} run failed:\n{done.stderr}")
+    return time.perf_counter() - start
 
-    local = embed_corpus(corpus, folder / "local.parquet")
-    on_ray = embed_corpus(corpus, folder / "ray", engine="ray", workers=workers)
-    return {
-        "rows": local.rows,
-        "local_rows_per_s": round(local.rows_per_second, 1),
-        "local_seconds": round(local.seconds, 1),
-        "ray_rows_per_s": round(on_ray.rows_per_second, 1),
-        "ray_seconds": round(on_ray.seconds, 1),
-        "ray_over_local": round(on_ray.rows_per_second / local.rows_per_second, 3),
+
+def throughput(rows: int, small_rows: int, folder: Path, workers: int) -> dict[str, Any]:
+    """Each engine's whole job on a corpus of `rows` rows and on one of `small_rows`: rows/s, fixed cost and rows/s past it.
+
+    A job's time is that of the command, Python's start, Ray's start and the model loads included.
+    The small corpus's time is the fixed cost (a few rows embedded besides); the rows past it over the
+    seconds past it are the steady rows/s. The engines take turns on each corpus.
+    """
+    corpus = write_corpus(folder / "throughput", rows, seed=1)
+    small = write_corpus(folder / "small", small_rows, seed=2)
+    seconds: dict[str, dict[str, float]] = {"local": {}, "ray": {}}
+    for name, path in (("small", small), ("full", corpus)):
+        for engine in seconds:
+            output = folder / f"{engine}-{name}{'.parquet' if engine == 'local' else ''}"
+            seconds[engine][name] = job_seconds(path, output, engine, workers)
+    results: dict[str, Any] = {"workers": workers, "rows": rows, "small_rows": small_rows}
+    for engine, measured in seconds.items():
+        results[engine] = {
+            "seconds": round(measured["full"], 1),
+            "rows_per_s": round(rows / measured["full"], 1),
+            "fixed_seconds": round(measured["small"], 1),
+            "steady_rows_per_s": round((rows - small_rows) / (measured["full"] - measured["small"]), 1),
+        }
+    local, on_ray = results["local"], results["ray"]
+    results["ray_over_local"] = {
+        "rows_per_s": round(on_ray["rows_per_s"] / local["rows_per_s"], 3),
+        "steady_rows_per_s": round(on_ray["steady_rows_per_s"] / local["steady_rows_per_s"], 3),
     }
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("memory", "throughput", "both"), default="both")
     parser.add_argument("--memory-rows", type=int, nargs="+", default=[20_000, 200_000], help="corpus sizes")
-    parser.add_argument("--throughput-rows", type=int, default=5_000, help="the throughput corpus (default: 5000)")
+    parser.add_argument("--throughput-rows", type=int, default=20_000, help="the throughput corpus (default: 20000)")
+    parser.add_argument("--small-rows", type=int, default=500, help="the corpus of the fixed cost (default: 500)")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (default: 2)")
     parser.add_argument("--output", type=Path, default=Path("docs/bench_ray.json"))
     args = parser.parse_args()
+    if not 0 < args.small_rows < args.throughput_rows:
+        parser.error("--small-rows must be from 1 to fewer than --throughput-rows")
 
     results: dict = json.loads(args.output.read_text()) if args.output.exists() else {}
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
@@ -134,8 +168,7 @@ def main() -> None:
                 results["memory"]["runs"].append({"rows": rows, **measured})
                 print(f"{rows} rows: the driver's peak RSS {measured['driver_peak_rss_mib']} MiB", flush=True)
         if args.part in ("throughput", "both"):
-            corpus = write_corpus(folder / "throughput", args.throughput_rows, seed=1)
-            results["throughput"] = {"workers": args.workers, **throughput(corpus, folder, args.workers)}
+            results["throughput"] = throughput(args.throughput_rows, args.small_rows, folder, args.workers)
             print(json.dumps(results["throughput"]), flush=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.output}")

@@ -49,6 +49,7 @@ from .tables import Shard, corpus_shards, nonfinite_rejects, output_rows, output
 
 JOB = "_job.json"
 SUMMARY = "_summary.json"
+ACTORS_PER_PARSER = 8  # parsing a row costs little beside embedding it; each parsing process pays the imports
 
 
 @dataclass(frozen=True)
@@ -312,12 +313,13 @@ def run_on_ray(
         context.target_max_block_size = 1  # one shard a block, so that one file's shards go to every actor
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        parsers = max(1, workers // ACTORS_PER_PARSER)
         inputs = job.inputs
         paths = [_ray_path(name) for name in inputs.names]
         filesystem = pa_fs.FileSystem.from_uri(inputs.names[0])[0] if inputs.remote else None
         blocks = (
             ray.data.read_binary_files(
-                paths, filesystem=filesystem, include_paths=True, num_cpus=0, concurrency=workers
+                paths, filesystem=filesystem, include_paths=True, num_cpus=0, concurrency=parsers
             )
             .map_batches(
                 read_shards,
@@ -330,8 +332,8 @@ def run_on_ray(
                 },
                 batch_size=1,
                 batch_format="pyarrow",
-                num_cpus=0,  # the actors hold the CPUs: beside them, as many parsing tasks as actors
-                compute=ray.data.TaskPoolStrategy(size=workers),
+                num_cpus=0,  # the actors hold the CPUs: beside them, a parsing task per ACTORS_PER_PARSER actors
+                compute=ray.data.TaskPoolStrategy(size=parsers),
             )
             .map_batches(
                 WriteBlocks,
@@ -345,7 +347,8 @@ def run_on_ray(
                 },
                 batch_size=1,
                 batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=workers),
+                # one block at a time: a block queued behind another at one actor would leave the others idle
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
             )
         )
