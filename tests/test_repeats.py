@@ -157,3 +157,14 @@ def test_what_is_kept_holds_neither_the_model_nor_the_info():
     del model, v
     gc.collect()
     assert model_ref() is None and info_ref() is None
+
+
+def test_what_a_call_built_in_inference_mode_is_not_reused_where_autograd_records():
+    model, batch, v = tiny_bert(), padded_batch(), torch.rand(H) + 0.5
+    with torch.inference_mode(), layerfuse.fuse(model, v, layer=1, method="multiply"):
+        model(**batch)
+    model.train()
+    with layerfuse.fuse(model, v, layer=1, method="multiply") as fusion:
+        model(**batch).last_hidden_state.sum().backward()
+    assert not fusion.info.tensor.is_inference()
+    assert model.embeddings.word_embeddings.weight.grad is not None

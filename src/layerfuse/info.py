@@ -143,6 +143,7 @@ SMALL = 1 << 16
 def _checked_copy(info: torch.Tensor) -> torch.Tensor:
     """A copy of `info` after refusing non-finite values; for the same small tensor with the same values
     as at its last copy, that copy again, without a check: `fuse` called per batch with one info copies it once.
+    A copy made under `torch.inference_mode` is given again only under it (autograd cannot record it).
 
     A tensor that requires grad is copied with its graph every time.
     """
@@ -152,6 +153,7 @@ def _checked_copy(info: torch.Tensor) -> torch.Tensor:
     earlier = _COPIES.get(info)
     if (
         earlier is not None
+        and (torch.is_inference_mode_enabled() or not earlier.is_inference())
         and earlier.shape == info.shape
         and earlier.dtype == info.dtype
         and earlier.device == info.device

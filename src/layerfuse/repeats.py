@@ -13,7 +13,8 @@ parts, once a few look-ups say that nothing they came from has changed:
 Anything else is checked and built anew, and kept in place of what was. Only calls whose arguments
 are plain values (strings, numbers, None, tuples or lists of ints) are kept: a `Method` instance, a
 learned method (new parameters every call), a positions mask, info that requires grad are built
-every time. The last few calls are kept per model, which is held weakly.
+every time, and what a call under `torch.inference_mode` built is used again only under it. The last
+few calls are kept per model, which is held weakly.
 
 >>> import torch
 >>> from transformers import BertConfig, BertModel
@@ -70,6 +71,8 @@ class Kept:
     device: torch.device
     arguments: dict[str, Any]
     given: weakref.ref[torch.Tensor] | None
+    inference: bool
+    """Built under `torch.inference_mode`: its tensors cannot join a graph autograd records, so not reused outside it."""
 
 
 _KEPT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Kept]] = weakref.WeakKeyDictionary()
@@ -138,6 +141,7 @@ def keep(model: nn.Module, key: Hashable, fusion: Fusion, reads: Reads, info: to
         device=weight.device,
         arguments=fusion.method.arguments(),
         given=None if info is None else weakref.ref(info),
+        inference=torch.is_inference_mode_enabled(),
     )
     with _LOCK:
         calls = _KEPT.setdefault(model, {})
@@ -158,6 +162,8 @@ def kept(model: nn.Module, key: Hashable, info: torch.Tensor | None) -> Kept | N
         return None
     if found.method.arguments() != found.arguments:
         return None
+    if not torch.is_inference_mode_enabled() and (found.inference or _inference(found.info.tensor)):
+        return None
     if info is None:
         return found if found.given is None else None
     source = found.info.source
@@ -172,3 +178,7 @@ def kept(model: nn.Module, key: Hashable, info: torch.Tensor | None) -> Kept | N
     ):
         return None
     return found
+
+
+def _inference(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and tensor.is_inference()
