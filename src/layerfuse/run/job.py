@@ -137,7 +137,7 @@ def _check_paths(
         )
 
 
-def _check_run_device(device: str, backend: str, engine: str, ray_address: str | None) -> torch.device:
+def _check_run_device(device: str | torch.device, backend: str, engine: str, ray_address: str | None) -> torch.device:
     """The run's device, checked: this machine's, or each Ray actor's.
 
     Ray gives each actor a GPU of its own, so it takes "cuda" without an index. A Ray started for the
@@ -177,7 +177,7 @@ def embed_corpus(
     progress: bool = False,
     bucket: bool = True,
     backend: str = "torch",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     engine: str = "local",
     ray_address: str | None = None,
     workers: int | None = None,
