@@ -28,7 +28,7 @@ from layerfuse.cli import main
 from layerfuse.methods import METHODS, register_method
 from layerfuse.run import Embedder, embed_corpus
 from layerfuse.run.corpus import Corpus, Reject, Text
-from layerfuse.run.shards import ShardStore
+from layerfuse.run.shards import ShardStore, manifest_digest
 from layerfuse.run.truncation import CHARS_PER_TOKEN, capped
 from reference import FORMULAS, bert_forward
 
@@ -569,7 +569,21 @@ def bad_arguments(tmp_path, small):
         ([c, "--shard-size", "0"], "shard size must be a positive int, got 0"),
         ([c, "--workers", "2"], "a Ray address and workers are for the ray engine"),
         ([c, "--engine", "ray", "-o", "x.npy"], "the ray engine writes a folder of Parquet files, not .npy"),
+        ([c, "--device", "gpu"], r"unknown device 'gpu': use cpu, cuda or cuda:N"),
+        ([c, "--device", "cuda:x"], r"unknown device 'cuda:x': use cpu, cuda or cuda:N"),
+        ([c, "--backend", "onnx", "--device", "cuda"], "the onnx backend runs on the CPU, not on cuda: use --device"),
+        ([c, "--engine", "ray", "--device", "cuda:1"], "the ray engine assigns each actor a GPU of its own, which"),
+        *unreachable_devices(c),
     ]
+
+
+def unreachable_devices(c: str) -> list[tuple[list[str], str]]:
+    """Devices that this machine's torch does not reach: any CUDA one without CUDA, else one past the last."""
+    if not torch.cuda.is_available():
+        message = r"device 'cuda' needs CUDA, which this torch does not reach \(torch.cuda.is_available\(\) is false\)"
+        return [([c, "--device", "cuda"], message), ([c, "--engine", "ray", "--device", "cuda"], message)]
+    count = torch.cuda.device_count()
+    return [([c, "--device", f"cuda:{count}"], f"there is no device 'cuda:{count}': this machine has {count} CUDA")]
 
 
 def test_bad_arguments_fail_before_any_work_with_a_clear_message(small, tmp_path, capsys, monkeypatch):
@@ -581,6 +595,7 @@ def test_bad_arguments_fail_before_any_work_with_a_clear_message(small, tmp_path
         assert main(["run", *arguments, "--model", str(small)]) == 2, arguments
         error = capsys.readouterr().err
         assert error.startswith("layerfuse run: error: ") and re.search(message, error), error
+        assert len(error.splitlines()) == 1, error
         assert sorted(os.listdir(tmp_path)) == before, arguments
 
 
@@ -1037,6 +1052,56 @@ def test_a_resumed_run_with_the_same_model_and_input_writes_the_uninterrupted_ou
     interrupt_after_shards(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small)
     embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
     assert pq.read_table(tmp_path / "out.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+
+
+def test_device_cpu_is_the_default_and_a_resume_on_another_device_is_refused(small, tmp_path, monkeypatch):
+    write_corpus(tmp_path / "c.jsonl")
+    torch.save(torch.randn(32, generator=torch.Generator().manual_seed(4)), tmp_path / "info.pt")
+    run = ["run", str(tmp_path / "c.jsonl"), "--model", str(small), "--layer", "1", "--info", str(tmp_path / "info.pt")]
+    assert main([*run, "-o", str(tmp_path / "default.parquet"), "--quiet"]) == 0
+    assert main([*run, "-o", str(tmp_path / "cpu.parquet"), "--quiet", "--device", "cpu"]) == 0
+    assert pq.read_table(tmp_path / "cpu.parquet").equals(pq.read_table(tmp_path / "default.parquet"))
+
+    interrupt_after_shards(monkeypatch, tmp_path / "c.jsonl", tmp_path / "out.parquet", small)
+    partial = tmp_path / "out.parquet.partial"
+    assert json.loads((partial / "manifest.json").read_text())["job"]["device"] == "cpu"
+
+    def on_cuda(manifest):
+        job = {**manifest["job"], "device": "cuda"}
+        return {**manifest, "job": job, "sha256": manifest_digest(job, manifest["shards"])}
+
+    edit_manifest(partial, on_cuda)  # as if the run had begun on a GPU
+    with pytest.raises(layerfuse.ArgumentValueError, match=r"it was made with other settings \(device\)"):
+        embed_corpus(tmp_path / "c.jsonl", tmp_path / "out.parquet", model=small, shard_size=8, resume=True)
+
+
+def flat_embeddings(path: Path) -> numpy.ndarray:
+    """Every float of a Parquet output's embeddings, pooled or per token, in order."""
+    column = pq.read_table(path).column("embedding").combine_chunks()
+    while pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        column = column.flatten()
+    return column.to_numpy()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("pooling", ["mean", "none"])
+def test_the_local_engine_on_cuda_gives_the_cpu_embeddings(small, tmp_path, pooling):
+    write_corpus(tmp_path / "c.jsonl")
+    info = torch.randn(30, 32, generator=torch.Generator().manual_seed(5))  # one row per corpus row
+    options = dict(model=small, fusion=FusionConfig(layer=1), info=info, pooling=pooling, batch_size=4)
+    with Embedder.load(device="cuda", **options) as embedder:
+        assert embedder.model.device.type == embedder.rows_info.device.type == "cuda"
+        assert embedder.fusion.info.tensor.device.type == "cuda"
+    cpu = embed_corpus(tmp_path / "c.jsonl", tmp_path / "cpu.parquet", shard_size=8, **options)
+    cuda = embed_corpus(tmp_path / "c.jsonl", tmp_path / "cuda.parquet", shard_size=8, device="cuda", **options)
+    assert (cuda.written, cuda.rejected) == (cpu.written, cpu.rejected) and cpu.written == 27
+    on_cpu, on_cuda = pq.read_table(tmp_path / "cpu.parquet"), pq.read_table(tmp_path / "cuda.parquet")
+    assert on_cuda.column("row").equals(on_cpu.column("row"))
+    lengths = [len(value) for value in on_cpu.column("embedding").to_pylist()]
+    assert [len(value) for value in on_cuda.column("embedding").to_pylist()] == lengths
+    numpy.testing.assert_allclose(
+        flat_embeddings(tmp_path / "cuda.parquet"), flat_embeddings(tmp_path / "cpu.parquet"), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(

@@ -218,3 +218,19 @@ def test_resuming_refuses_other_settings_a_changed_input_file_and_other_weights(
     with pytest.raises(ArgumentValueError, match="made with other weights"):
         changed(pa.Table.from_pylist(shards[1:]))
     assert not (job.partial / "part-000000-000001.json").exists()
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused_and_leaves_nothing(small, tmp_path):  # noqa: F811
+    from layerfuse.errors import ArgumentValueError
+
+    (tmp_path / "c.txt").write_text("one text\nanother\n")
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    try:
+        address = ray.get_runtime_context().gcs_address  # a cluster: its GPUs count, not this machine's torch
+        with pytest.raises(ArgumentValueError, match="puts each Ray actor on a GPU, and the Ray cluster has none"):
+            embed_corpus(
+                tmp_path / "c.txt", tmp_path / "out", model=small, engine="ray", ray_address=address, device="cuda"
+            )
+    finally:
+        ray.shutdown()
+    assert sorted(os.listdir(tmp_path)) == ["c.txt"]

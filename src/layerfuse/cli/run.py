@@ -98,13 +98,23 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(pip install 'layerfuse[onnx]'); onnx takes one info for every row",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the torch backend runs the model: cpu (default), cuda or cuda:N; with --engine ray, cuda puts "
+        "each actor on a GPU of its own",
+    )
+    parser.add_argument(
         "--engine", default="local", metavar="NAME", help="local (default) or ray (pip install 'layerfuse[ray]')"
     )
     parser.add_argument(
         "--ray-address", metavar="ADDRESS", help="the Ray cluster to run on (default: a local Ray started for the job)"
     )
     parser.add_argument(
-        "--workers", type=int, metavar="N", help="Ray actors, one CPU each (default: every CPU of the cluster)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Ray actors, one CPU each, and one GPU each with --device cuda (default: every CPU, or every GPU, of "
+        "the cluster)",
     )
     parser.set_defaults(execute=execute, interrupted=interrupted)
 
@@ -134,6 +144,7 @@ def execute(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet and sys.stderr.isatty(),
         backend=args.backend,
+        device=args.device,
         engine=args.engine,
         ray_address=args.ray_address,
         workers=args.workers,

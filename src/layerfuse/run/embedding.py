@@ -41,6 +41,48 @@ from .truncation import capped
 
 POOLINGS = (*POOLED, "none")
 BACKENDS = ("torch", "onnx")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def parse_device(device: str | torch.device, backend: str = "torch") -> torch.device:
+    """`device` as a `torch.device`: the CPU or a CUDA device (`cuda`, `cuda:N`), the CPU alone for backend "onnx".
+
+    >>> parse_device("cpu"), parse_device("cuda:1")
+    (device(type='cpu'), device(type='cuda', index=1))
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise ArgumentValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N (N a CUDA device's index)")
+    if backend == "onnx" and parsed.type != "cpu":
+        raise ArgumentValueError(
+            f"the onnx backend runs on the CPU, not on {parsed}: use --device cpu, or --backend torch"
+        )
+    return parsed
+
+
+def check_device(device: str | torch.device, backend: str = "torch") -> torch.device:
+    """`parse_device(device, backend)`, which must also be a device that this process's torch reaches.
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    parsed = parse_device(device, backend)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentValueError(
+                f"device {str(parsed)!r} needs CUDA, which this torch does not reach (torch.cuda.is_available() "
+                "is false): use --device cpu, or a torch built for CUDA on a machine with a GPU"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ArgumentValueError(
+                f"there is no device {str(parsed)!r}: this machine has {count} CUDA device{'s' * (count != 1)}, "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    return parsed
 
 
 def embedding_type(hidden_size: int, pooling: str) -> pa.DataType:
@@ -54,6 +96,7 @@ class Embedder:
 
     `rows_info`, info with one row per corpus row, is handed to the fusion batch by batch, by the `row` column.
     `onnx`, the fused model exported to ONNX Runtime, runs the forwards instead of `model` where given.
+    The forwards run on the model's device; the embeddings come back on the CPU.
     """
 
     def __init__(
@@ -86,7 +129,8 @@ class Embedder:
         self.pooling, self.normalize, self.batch_size, self.bucket = pooling, normalize, batch_size, bucket
         self.max_length = limit if max_length is None else max_length
         self.hidden_size: int = model.config.hidden_size
-        self.rows_info = rows_info
+        self.device = model.device
+        self.rows_info = None if rows_info is None else rows_info.to(self.device)
 
     @classmethod
     def load(
@@ -100,18 +144,21 @@ class Embedder:
         normalize: bool | None = None,
         max_length: int | None = None,
         backend: str = "torch",
+        device: str | torch.device = "cpu",
         **options: object,
     ) -> Embedder:
-        """Load `model` (None: the embedded MiniLM BERT), fuse it as `fusion` says, and embed with `options`.
+        """Load `model` (None: the embedded MiniLM BERT) on `device`, fuse it as `fusion` says, embed with `options`.
 
         `fusion` and `info` are a run's, as `run_fusion` checks them; `saved` a saved fusion's folder.
         `pooling`, `normalize` and `max_length` not given are a sentence-transformers folder's own, else
         "mean", no normalisation and the model's limit; a folder's normalisation is of its pooled
         embedding, so pooling "none" drops it. `backend` "onnx" runs the forwards in ONNX Runtime, on the
-        model exported with its fusion (`OnnxModel`), which takes no info per corpus row.
+        model exported with its fusion (`OnnxModel`), which takes no info per corpus row, on the CPU.
+        `device` is checked by `check_device`.
         """
         if backend not in BACKENDS:
             raise ArgumentValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        device = check_device(device, backend)
         rows_info = row_info(fusion, info)
         if backend == "onnx":
             if rows_info is not None:
@@ -122,6 +169,7 @@ class Embedder:
             import_onnxruntime()
         folder = read_st_folder(embedded_model_path() if model is None else model)
         network, tokenizer = load_model(model if folder is None else folder.transformer)
+        network.to(device)
         if folder is not None:
             pooling = folder.pooling if pooling is None else pooling
             normalize = folder.normalize and pooling != "none" if normalize is None else normalize
@@ -170,15 +218,19 @@ class Embedder:
         """One padded batch: each text's pooled state (1, H), or its real tokens' states (T, H)."""
         inputs = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         if self.rows_info is not None:
-            self.fusion.set_info(self.rows_info[rows])
-        hidden = (self.model(**inputs).last_hidden_state if self.onnx is None else self.onnx(inputs)).float()
+            self.fusion.set_info(self.rows_info[rows.to(self.device)])
+        if self.onnx is None:
+            hidden = self.model(**inputs.to(self.device)).last_hidden_state.float()
+        else:
+            hidden = self.onnx(inputs).float()
         mask = inputs["attention_mask"]
         if self.pooling == "none":
+            hidden, mask = hidden.cpu(), mask.cpu()
             return [state[real.bool()].numpy() for state, real in zip(hidden, mask)]
         pooled = pool(self.pooling, hidden, mask)
         if self.normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
-        return list(pooled[:, None].numpy())
+        return list(pooled[:, None].cpu().numpy())
 
     def close(self) -> None:
         """Remove the fusion from the model."""

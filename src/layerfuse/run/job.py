@@ -28,7 +28,7 @@ import torch
 from ..config import FusionConfig
 from ..errors import ArgumentValueError, positive_int
 from ..paths import check_writable
-from .embedding import Embedder, embedding_type
+from .embedding import Embedder, check_device, embedding_type, parse_device
 from .formats import check_output_format
 from .fusion import describe, file_digest, model_digest, row_info, run_fusion
 from .inputs import Inputs, Spec
@@ -137,6 +137,24 @@ def _check_paths(
         )
 
 
+def _check_run_device(device: str | torch.device, backend: str, engine: str, ray_address: str | None) -> torch.device:
+    """The run's device, checked: this machine's, or each Ray actor's.
+
+    Ray gives each actor a GPU of its own, so it takes "cuda" without an index. A Ray started for the
+    job runs on this machine, whose torch must reach CUDA; on a cluster (`ray_address`) the GPUs are
+    the cluster's, which `run_on_ray` checks once connected.
+    """
+    checked = parse_device(device, backend)
+    if engine == "ray" and checked.type == "cuda" and checked.index is not None:
+        raise ArgumentValueError(
+            f"the ray engine assigns each actor a GPU of its own, which the actor sees as cuda: "
+            f"give --device cuda, not {checked}"
+        )
+    if engine == "local" or ray_address is None:
+        check_device(checked, backend)
+    return checked
+
+
 def embed_corpus(
     input: Spec | list[Spec],
     output: str | os.PathLike[str],
@@ -159,6 +177,7 @@ def embed_corpus(
     progress: bool = False,
     bucket: bool = True,
     backend: str = "torch",
+    device: str | torch.device = "cpu",
     engine: str = "local",
     ray_address: str | None = None,
     workers: int | None = None,
@@ -176,11 +195,13 @@ def embed_corpus(
     folder's own (so the embeddings are its `encode`'s), else to mean pooling, none and the model's
     limit. `backend` "onnx" runs the forwards in ONNX Runtime, on the model exported once with its
     fusion. Both engines write shards of `shard_size` rows as they go; `resume` carries on an
-    interrupted run.
+    interrupted run. `device` ("cpu", "cuda", "cuda:N") is where the torch backend's forwards run;
+    the Ray engine puts each actor on a GPU of its own for "cuda" (`ray_engine`).
     Bad arguments raise a `LayerfuseError` before any work.
     """
     if engine not in ENGINES:
         raise ArgumentValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    device = str(_check_run_device(device, backend, engine, ray_address))
     positive_int("shard size", shard_size)
     inputs = Inputs(input, text_column=text_column, id_column=id_column, check="first" if engine == "ray" else "all")
     output = Path(output)
@@ -217,6 +238,7 @@ def embed_corpus(
         "batch_size": batch_size,
         "bucket": bucket,
         "backend": backend,
+        "device": device,
     }
     rows = inputs.count() if engine == "local" or per_row is not None else None
     if per_row is not None and len(per_row) != rows:

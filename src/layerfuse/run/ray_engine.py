@@ -8,7 +8,9 @@ it as a block of its own: `part-FFFFFF-SSSSSS.parquet` for shard S of input file
 its counts beside it, each file moved into place by an atomic rename. The driver holds no rows and
 loads no model: it streams the blocks' counts; at the end it joins the rejects, writes
 `_summary.json` and moves the folder into place. Ray runs locally for the job (one CPU per worker),
-or on the cluster at `address`. Ray is an optional dependency: `pip install 'layerfuse[ray]'`.
+or on the cluster at `address`. With device "cuda" each actor asks Ray for a GPU besides its CPU;
+Ray makes that GPU the only one the actor sees, its cuda:0. Ray is an optional dependency:
+`pip install 'layerfuse[ray]'`.
 
 A block is complete once its counts file (`part-FFFFFF-SSSSSS.json`) is in `OUT.partial/`, written
 after the block's rows and rejects. Resuming skips the complete blocks and writes the others, which
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
+import torch
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
@@ -312,7 +315,14 @@ def run_on_ray(
         context.enable_progress_bars = False
         context.target_max_block_size = 1  # one shard a block, so that one file's shards go to every actor
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        gpu = torch.device(job.embedder["device"]).type == "cuda"
+        if gpu and not resources.get("GPU"):
+            raise ArgumentValueError(
+                "--device cuda puts each Ray actor on a GPU, and the Ray cluster has none: "
+                "run on a cluster with GPUs, or use --device cpu"
+            )
+        workers = workers or max(1, int(resources.get("GPU" if gpu else "CPU", 1)))
         parsers = max(1, workers // ACTORS_PER_PARSER)
         inputs = job.inputs
         paths = [_ray_path(name) for name in inputs.names]
@@ -350,6 +360,7 @@ def run_on_ray(
                 # one block at a time: a block queued behind another at one actor would leave the others idle
                 compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
                 num_cpus=1,
+                num_gpus=1 if gpu else None,
             )
         )
         with tqdm(unit="rows", initial=resumed, disable=not progress, dynamic_ncols=True) as bar:
