@@ -30,7 +30,7 @@ from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
 from .generation import watch_generate
 from .info import Info, check_tensor
-from .lookups import first_parameter, recording, remembered
+from .lookups import recording, remembered_first_parameter
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
@@ -250,7 +250,7 @@ _LOADED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 def _first_weight(model: nn.Module) -> torch.Tensor | None:
     """The model's first parameter, after refusing weights on "meta" that no accelerate hook loads at the forward."""
-    weight = remembered(model, "first parameter", lambda: first_parameter(model))
+    weight = remembered_first_parameter(model)
     if model in _LOADED and not (weight is not None and weight.is_meta):
         return weight
     _check_loaded(model)

@@ -253,6 +253,11 @@ def first_parameter(root: nn.Module) -> nn.Parameter | None:
     return None
 
 
+def remembered_first_parameter(model: nn.Module) -> nn.Parameter | None:
+    """`first_parameter(model)`, remembered per model while the modules and parameters on its way stay as they were."""
+    return remembered(model, "first parameter", lambda: first_parameter(model))
+
+
 def unrecorded() -> None:
     """Say that the lookup under way read something it cannot record: its result is not remembered."""
     reads = _READS.get()

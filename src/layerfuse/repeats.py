@@ -41,7 +41,7 @@ from torch import nn
 
 from .config import FusionConfig
 from .info import Info
-from .lookups import Reads, first_parameter, remembered
+from .lookups import Reads, remembered_first_parameter
 from .methods import Method
 from .positions import Positions
 from .sites import Site
@@ -118,7 +118,7 @@ def _plain(value: object) -> Hashable | None:
 
 def keep(model: nn.Module, key: Hashable, fusion: Fusion, reads: Reads, info: torch.Tensor | None) -> None:
     """Keep what the call `key` built on `model`, found by `reads`, if it may be used again; else nothing."""
-    weight = remembered(model, "first parameter", lambda: first_parameter(model))
+    weight = remembered_first_parameter(model)
     if (
         not reads.complete
         or weight is None
