@@ -109,6 +109,19 @@ def test_per_text_info_through_st_encode_is_refused_not_misaligned(st):
     assert_unchanged(bert, before)
 
 
+@pytest.mark.parametrize("positions", ["all", "tokens"])
+def test_per_text_info_given_to_an_attached_fusion_is_refused_through_st_encode(st, positions):
+    bert = st[0].auto_model
+    before = snapshot(bert)
+    with layerfuse.fuse(bert, steer(), layer=LAYER, positions=positions) as fusion:
+        st.encode(TEXTS, batch_size=8)
+        fusion.set_info(per_text_info())
+        with pytest.raises(layerfuse.FusionStateError, match="called as model.forward"):
+            st.encode(TEXTS, batch_size=8)
+        bert(**st.tokenize(TEXTS))
+    assert_unchanged(bert, before)
+
+
 @pytest.mark.parametrize("batch_size", [8, 3])
 def test_encode_gives_each_text_its_own_row_of_info(st, batch_size):
     bert = st[0].auto_model

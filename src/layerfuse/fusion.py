@@ -150,12 +150,18 @@ class Fusion:
     def _watch_if_needed(self) -> None:
         """Watch the model's forwards if the fusion needs to know them: their mask, calls or examples' order;
         and, for per-example info, its `generate`, which repeats the examples."""
-        needed = self.positions.needs_attention_mask or self.site.call is not None or self.info.batch_size is not None
+        per_example = self.info.batch_size is not None
+        needed = self.positions.needs_attention_mask or self.site.call is not None or per_example
         if needed and self._watch is None:
             self._watch = ForwardWatch(
-                self.model, needs_mask=self.positions.needs_attention_mask, mask_name=self.site.attention_mask
+                self.model,
+                needs_mask=self.positions.needs_attention_mask,
+                mask_name=self.site.attention_mask,
+                needs_order=per_example,
             )
-        if self.info.batch_size is not None and self._generate is None:
+        elif per_example:
+            self._watch.watch_order()
+        if per_example and self._generate is None:
             self._generate = watch_generate(self.model, self)
 
     def merge(self) -> Merged:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import ArchitectureError, FusionStateError
 from .stand_ins import StandIn
@@ -71,14 +72,27 @@ class WatchedForward(StandIn):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.watches: list[ForwardWatch] = []
-        self.thread = threading.local()
-        self.handle = model.register_forward_pre_hook(self._called, prepend=True)
+        self.handle: RemovableHandle | None = None
+        """A pre-hook that tells `model(...)` from `model.forward(...)`: put on once a watch needs to know."""
+
+    def tell_direct_calls(self, model: nn.Module) -> None:
+        """Tell each forward whether it was called as `model.forward(...)`, from now until taken off."""
+        if self.handle is None:
+            self.thread = threading.local()
+            self.handle = model.register_forward_pre_hook(self._called, prepend=True)
 
     def _called(self, *_: Any) -> None:
         self.thread.called = True
 
+    def take_off(self, model: nn.Module) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        super().take_off(model)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        direct, self.thread.called = not getattr(self.thread, "called", False), False
+        direct = False
+        if self.handle is not None:
+            direct, self.thread.called = not getattr(self.thread, "called", False), False
         watches = tuple(self.watches)
         for watch in watches:
             watch.enter(args, kwargs, direct=direct)
@@ -119,7 +133,9 @@ class ForwardWatch:
     direct = _per_thread("direct")
     in_order = _per_thread("in_order")
 
-    def __init__(self, model: nn.Module, *, needs_mask: bool, mask_name: str | None = "attention_mask") -> None:
+    def __init__(
+        self, model: nn.Module, *, needs_mask: bool, mask_name: str | None = "attention_mask", needs_order: bool = False
+    ) -> None:
         self.index = attention_mask_index(model, mask_name) if needs_mask else None
         self.mask_name = mask_name
         self.model = model
@@ -128,6 +144,15 @@ class ForwardWatch:
             watched = WatchedForward.on(model)
             watched.watches.append(self)
         self._watched: WatchedForward | None = watched
+        if needs_order:
+            self.watch_order()
+
+    def watch_order(self) -> None:
+        """From now on, know whether each forward was called as `model.forward(...)`, whose examples' order
+        is not known (`check_rows`): needed for per-example info only, as it costs a hook on the model."""
+        with _LOCK:
+            if self._watched is not None:
+                self._watched.tell_direct_calls(self.model)
 
     def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, direct: bool = False) -> None:
         """A forward of the model starts with `args` and `kwargs`; `direct`: called as `model.forward(...)`."""
@@ -179,6 +204,5 @@ class ForwardWatch:
                 return
             watched.watches.remove(self)
             if not watched.watches:
-                watched.handle.remove()
                 watched.take_off(self.model)
         self.mask = None
