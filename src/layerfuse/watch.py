@@ -72,14 +72,17 @@ class WatchedForward(StandIn):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.watches: list[ForwardWatch] = []
+        self.tells_direct = False
+        """Whether each forward is told if it was called as `model.forward(...)`: once a watch needs to know."""
         self.handle: RemovableHandle | None = None
-        """A pre-hook that tells `model(...)` from `model.forward(...)`: put on once a watch needs to know."""
+        """The pre-hook that tells `model(...)` from `model.forward(...)`, while `tells_direct`."""
 
     def tell_direct_calls(self, model: nn.Module) -> None:
         """Tell each forward whether it was called as `model.forward(...)`, from now until taken off."""
-        if self.handle is None:
+        if not self.tells_direct:
             self.thread = threading.local()
             self.handle = model.register_forward_pre_hook(self._called, prepend=True)
+            self.tells_direct = True
 
     def _called(self, *_: Any) -> None:
         self.thread.called = True
@@ -91,7 +94,7 @@ class WatchedForward(StandIn):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         direct = False
-        if self.handle is not None:
+        if self.tells_direct:  # read as a bool: torch.compile cannot trace a hook's handle
             direct, self.thread.called = not getattr(self.thread, "called", False), False
         watches = tuple(self.watches)
         for watch in watches:
@@ -124,7 +127,8 @@ class ForwardWatch:
     """Records, for each forward of `model`, its attention mask (`mask_name`) and a count of the fused module's calls.
 
     `mask`, `calls` (of the fused module), `depth` (of nested forwards), `direct` (called as
-    `model.forward(...)`) and `in_order` are those of the current thread's forward.
+    `model.forward(...)`; known once `needs_order` or `watch_order()` asked for it, else False) and
+    `in_order` are those of the current thread's forward.
     """
 
     mask = _per_thread("mask")
