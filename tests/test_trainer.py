@@ -57,7 +57,12 @@ def arguments(folder, **changes) -> TrainingArguments:
 
 def fused(model, method: str) -> layerfuse.Fusion:
     torch.manual_seed(1)
-    return layerfuse.fuse(model, torch.zeros(INFO_SIZE), layer=-1, method=method, positions="first")
+    fusion = layerfuse.fuse(model, torch.zeros(INFO_SIZE), layer=-1, method=method, positions="first")
+    # Per-example info, as every training batch gives it: from then on the fusion also watches whether a forward
+    # holds the examples in the info's order (a pre-hook of its own), so a snapshot taken next is the model that
+    # training finds.
+    fusion.set_info(torch.zeros(1, INFO_SIZE))
+    return fusion
 
 
 def parameters(fusion) -> dict[str, torch.Tensor]:
