@@ -118,7 +118,8 @@ def test_per_text_info_given_to_an_attached_fusion_is_refused_through_st_encode(
         fusion.set_info(per_text_info())
         with pytest.raises(layerfuse.FusionStateError, match="called as model.forward"):
             st.encode(TEXTS, batch_size=8)
-        bert(**st.tokenize(TEXTS))
+        tokens = st.tokenize(TEXTS)
+        bert(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     assert_unchanged(bert, before)
 
 
