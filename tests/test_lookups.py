@@ -110,6 +110,20 @@ def test_a_config_replaced_is_read_again():
         resolve_site(model, layer=0)
 
 
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_an_attribute_a_block_lacked_when_fused_is_seen_once_it_has_one(monkeypatch, where):
+    model = tiny_bert()
+    block = model.encoder.layer[1]
+    layerfuse.fuse(model, torch.ones(H), layer=2).remove()
+    wider = BertConfig(**{**TINY, "hidden_size": 2 * H})
+    if where == "instance":
+        object.__setattr__(block, "config", wider)
+    else:
+        monkeypatch.setattr(BertLayer, "config", wider, raising=False)
+    with pytest.raises(layerfuse.InfoShapeError, match=str(2 * H)):
+        layerfuse.fuse(model, torch.ones(H), layer=2)
+
+
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_info_changed_in_place_between_fusions_is_the_info_fused(approach):
     model, batch = tiny_bert(), padded_batch()

@@ -25,6 +25,8 @@ import weakref
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from itertools import repeat
+from operator import contains, eq, is_
 from typing import Any, TypeVar
 
 from torch import nn
@@ -33,29 +35,28 @@ T = TypeVar("T")
 _ROOT = object()
 """Stands for the model itself in a recorded read, so that the cache never holds the model it is keyed on."""
 _MISSING = object()
-_ABSENT = object()
-"""Recorded in place of an owner's `__dict__` for an attribute that a module does not have at all."""
 
 
 class Reads:
-    """What one lookup of the model `root` read, each once: a module's child by name (or that it has none), an
-    attribute, a module's number of children.
+    """What one lookup of the model `root` read, each once: a name in a dictionary (a module's child or
+    parameter, an attribute in an instance's `__dict__`, or that the name was not there), a dictionary's
+    size, an attribute found otherwise, and the class of a module that does not have an attribute.
 
-    Keyed by the owner's id and the name: `children` holds (owner, name, child), `attributes` (owner,
-    name, value, and the owner's `__dict__` where the value was found there, or `_ABSENT` for a module
-    without that attribute anywhere), `lengths` (owner, number),
-    `parameters` (owner, its parameters). The model itself is recorded as `_ROOT`, and `root` is None
-    once the lookup is done.
+    `entries` holds (dictionary, name, value or `_MISSING`), keyed by the dictionary's id and the name;
+    `sizes` (dictionary, size), keyed by its id; `attributes` (owner, name, value) and `classes`
+    (module, its class, the class's MRO and their `__dict__`s, name: a name none of them has), keyed by the
+    owner's id and the name. The model itself, as an owner or a value, is recorded as `_ROOT`, so that a
+    read never holds it; `root` is None once the lookup is done.
     """
 
     def __init__(self, root: nn.Module) -> None:
         self.root: nn.Module | None = root
-        self.children: dict[tuple[int, str], tuple[Any, str, nn.Module | None]] = {}
-        self.attributes: dict[tuple[int, str], tuple[Any, str, object, dict[str, Any] | None]] = {}
-        self.lengths: dict[int, tuple[Any, int]] = {}
-        self.parameters: dict[int, tuple[Any, tuple[Any, ...]]] = {}
+        self.entries: dict[tuple[int, str], tuple[dict[str, Any], str, object]] = {}
+        self.sizes: dict[int, tuple[dict[str, Any], int]] = {}
+        self.attributes: dict[tuple[int, str], tuple[Any, str, object]] = {}
+        self.classes: dict[tuple[int, str], tuple[Any, type, tuple[type, ...], tuple[Any, ...], str]] = {}
         self.complete = True
-        self._checks: tuple[list[Any], ...] | None = None
+        self._checks: tuple[Any, ...] | None = None
 
     def owner(self, obj: object) -> object:
         """`obj` as a read records it: the model itself as `_ROOT`."""
@@ -63,62 +64,54 @@ class Reads:
 
     def holds(self, root: nn.Module) -> bool:
         """Whether every read would give, in the model `root` now, what it gave."""
-        checks = self._checks or self._compile()
-        modules, stored, absent, other, parameters, lengths = checks
-        own = root._modules
-        for children, name, child in modules:
-            if (own if children is None else children).get(name) is not child:
-                return False
-        for namespace, name, value in stored:
-            if namespace.get(name, _MISSING) is not value:
-                return False
-        for owner, name in absent:
-            if _found_in_module(root if owner is _ROOT else owner, name):
-                return False
-        for owner, name, value in other:
+        dictionaries, names, values, sized, sizes, attributes, classes = self._checks or self._compile()
+        if not all(map(is_, map(dict.get, dictionaries, names, repeat(_MISSING)), values)):
+            return False
+        if not all(map(eq, map(len, sized), sizes)):
+            return False
+        for owner, name, value in attributes:
             if getattr(root if owner is _ROOT else owner, name, None) is not (root if value is _ROOT else value):
                 return False
-        for table, ids in parameters:
-            if tuple(map(id, (root._parameters if table is None else table).values())) != ids:
+        for owner, cls, mro, namespaces, name in classes:
+            if type(root if owner is _ROOT else owner) is not cls or cls.__mro__ is not mro:
                 return False
-        return all(len(own if children is None else children) == size for children, size in lengths)
+            if any(map(contains, namespaces, repeat(name))):
+                return False
+        return True
 
-    def _compile(self) -> tuple[list[Any], ...]:
-        """The reads as the look-ups that `holds` makes: of dictionaries where it can (None: the model's own)."""
-
-        attributes = list(self.attributes.values())
+    def _compile(self) -> tuple[Any, ...]:
+        """The reads as the columns that `holds` checks: most of them one pass of dictionary look-ups."""
+        dictionaries, names, values = zip(*self.entries.values(), strict=True) if self.entries else ((), (), ())
+        sized, sizes = zip(*self.sizes.values(), strict=True) if self.sizes else ((), ())
         self._checks = (
-            [
-                (None if owner is _ROOT else owner._modules, name, child)
-                for owner, name, child in self.children.values()
-            ],
-            [
-                (stored, name, value)
-                for _, name, value, stored in attributes
-                if isinstance(stored, dict) and value is not _ROOT
-            ],
-            [(owner, name) for owner, name, _, stored in attributes if stored is _ABSENT],
-            [
-                (owner, name, value)
-                for owner, name, value, stored in attributes
-                if not (stored is _ABSENT or (isinstance(stored, dict) and value is not _ROOT))
-            ],
-            [
-                (None if owner is _ROOT else owner._parameters, tuple(map(id, parameters)))
-                for owner, parameters in self.parameters.values()
-            ],
-            [(None if owner is _ROOT else owner._modules, size) for owner, size in self.lengths.values()],
+            dictionaries,
+            names,
+            values,
+            sized,
+            sizes,
+            tuple(self.attributes.values()),
+            tuple(self.classes.values()),
         )
         return self._checks
 
     def add(self, other: Reads) -> None:
         """Count `other`'s reads, of the same model, as this lookup's own."""
-        self.children.update(other.children)
+        self.entries.update(other.entries)
+        self.sizes.update(other.sizes)
         self.attributes.update(other.attributes)
-        self.lengths.update(other.lengths)
-        self.parameters.update(other.parameters)
+        self.classes.update(other.classes)
         self.complete = self.complete and other.complete
         self._checks = None
+
+    def absent(self, module: nn.Module, name: str) -> None:
+        """Record that `module` has no attribute `name` anywhere: not in its instance's dictionaries, nor its class's."""
+        stored = module.__dict__
+        for table in (stored, stored.get("_parameters"), stored.get("_buffers"), stored.get("_modules")):
+            if isinstance(table, dict):
+                self.entries[id(table), name] = (table, name, _MISSING)
+        cls = type(module)
+        namespaces = tuple(c.__dict__ for c in cls.__mro__)
+        self.classes[id(module), name] = (self.owner(module), cls, cls.__mro__, namespaces, name)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[object, Reads]]] = weakref.WeakKeyDictionary()
@@ -186,8 +179,8 @@ def submodule(root: nn.Module, path: str) -> nn.Module | None:
         child = child if isinstance(child, nn.Module) else None
         if reads is not None:
             registered = getattr(module, "__dict__", {}).get("_modules")
-            if isinstance(registered, dict) and registered.get(name) is child:
-                reads.children[id(module), name] = (reads.owner(module), name, child)
+            if isinstance(registered, dict) and registered.get(name) is child and child is not reads.root:
+                reads.entries[id(registered), name] = (registered, name, registered.get(name, _MISSING))
             else:  # found other than as a registered child: a look-up in `_modules` cannot vouch for it
                 reads.complete = False
         if child is None:
@@ -205,12 +198,13 @@ def attribute(obj: object, name: str) -> Any:
     value = getattr(obj, name, None)
     reads = _READS.get()
     if reads is not None:
-        stored: object = getattr(obj, "__dict__", None)
+        stored = getattr(obj, "__dict__", None)
         if isinstance(obj, nn.Module) and not _found_in_module(obj, name):
-            stored = _ABSENT
-        elif not isinstance(stored, dict) or stored.get(name, _MISSING) is not value:
-            stored = None
-        reads.attributes[id(obj), name] = (reads.owner(obj), name, reads.owner(value), stored)
+            reads.absent(obj, name)
+        elif isinstance(stored, dict) and stored.get(name, _MISSING) is value and value is not reads.root:
+            reads.entries[id(stored), name] = (stored, name, value)
+        else:
+            reads.attributes[id(obj), name] = (reads.owner(obj), name, reads.owner(value))
     return value
 
 
@@ -232,7 +226,7 @@ def length(modules: nn.Module) -> int:
     size = len(modules._modules)
     reads = _READS.get()
     if reads is not None:
-        reads.lengths[id(modules)] = (reads.owner(modules), size)
+        reads.sizes[id(modules._modules)] = (modules._modules, size)
     return size
 
 
@@ -240,9 +234,12 @@ def first_parameter(root: nn.Module) -> nn.Parameter | None:
     """`next(root.parameters(), None)`, recorded: the parameters of the modules visited on the way (the path
     to the first one that has any, in the same order as `parameters()`) and the children taken."""
     reads = _READS.get()
-    own = tuple(root._parameters.values())
+    table = root._parameters
+    own = tuple(table.values())
     if reads is not None:
-        reads.parameters[id(root)] = (reads.owner(root), own)
+        reads.sizes[id(table)] = (table, len(table))
+        for name, parameter in table.items():
+            reads.entries[id(table), name] = (table, name, parameter)
     found = next((parameter for parameter in own if parameter is not None), None)
     if found is not None:
         return found
