@@ -14,6 +14,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 import layerfuse
 from conftest import TINY, padded_batch, tiny_bert
+from layerfuse.lookups import remembered, submodule
 from layerfuse.sites import resolve_site
 
 H = TINY["hidden_size"]
@@ -158,3 +159,28 @@ def test_what_is_remembered_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize("positions", ["all", "tokens"])
+@pytest.mark.parametrize("info", ["vector", "per example"])
+def test_a_model_deleted_with_its_fusions_attached_is_freed(approach, positions, info):
+    model = tiny_bert()
+    vector = torch.ones(3, H) if info == "per example" else torch.ones(H)
+    for _ in range(2):  # made, then reused
+        fusion = layerfuse.fuse(model, vector, layer=2, approach=approach, positions=positions)
+    layerfuse.fuse(model, torch.ones(H), layer=-1, site="mlp", approach=approach)  # attached and not kept by the caller
+    with torch.no_grad():
+        model(**padded_batch())
+    gone = weakref.ref(model)
+    del model, fusion
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_module_gone_and_replaced_by_none_is_not_taken_for_the_one_remembered():
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)))
+    assert remembered(model, "found", lambda: submodule(model, "0.0") is not None)
+    model[0][0] = None  # the module is freed, and its place holds None
+    gc.collect()
+    assert not remembered(model, "found", lambda: submodule(model, "0.0") is not None)

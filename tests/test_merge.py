@@ -4,10 +4,12 @@ refusals before anything changes."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -430,3 +432,15 @@ def test_onnx_runtime_gives_the_fused_outputs_merged_and_unmerged(batch, tmp_pat
     with fused:
         got = run_in_onnx_runtime(model, batch, tmp_path / "model.onnx")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_a_merged_model_deleted_is_freed_and_its_handle_then_does_nothing():
+    model = tiny_bert()
+    merged = layerfuse.merge(model, torch.ones(H), FusionConfig(layer=2))
+    layerfuse.merge(model, torch.ones(H), FusionConfig(layer=1))  # a handle the caller does not keep
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+    assert not merged.active
+    merged.unmerge()

@@ -58,6 +58,7 @@ class Fusion:
     ) -> None:
         self.model = model
         self.site = site
+        self._module = site.module  # the site holds it weakly, for the caches; a fusion keeps what it fuses
         self.method = method
         self.info = info
         self.approach = approach

@@ -6,8 +6,8 @@ runs `find` once and records each of those reads made through `submodule`, `attr
 later calls give the same result while every recorded read would still give what it gave, a check of a
 few dictionary look-ups however large the model. A block replaced, a list of blocks grown, a config
 swapped: the check fails, and `find` runs again. A `find` that reads more than it records (a walk of
-all modules) calls `unrecorded()`, and its result is not remembered. The cache holds the model weakly,
-and errors are never remembered.
+all modules) calls `unrecorded()`, and its result is not remembered. The cache holds the model and its
+modules weakly, and errors are never remembered.
 
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(2, 2))
@@ -32,86 +32,169 @@ from typing import Any, TypeVar
 from torch import nn
 
 T = TypeVar("T")
-_ROOT = object()
-"""Stands for the model itself in a recorded read, so that the cache never holds the model it is keyed on."""
 _MISSING = object()
 
 
 class Reads:
-    """What one lookup of the model `root` read, each once: a name in a dictionary (a module's child or
-    parameter, an attribute in an instance's `__dict__`, or that the name was not there), a dictionary's
-    size, an attribute found otherwise, and the class of a module that does not have an attribute.
+    """What one lookup of the model `root` read, each once: a name in a dictionary of a module (its
+    `__dict__`, `_modules`, `_parameters` or `_buffers`) or of another object (a config's `__dict__`),
+    with the value it gave or `_MISSING`; the size of a module's dictionary; an attribute found
+    otherwise; and the class of a module that has no attribute of a name.
 
-    `entries` holds (dictionary, name, value or `_MISSING`), keyed by the dictionary's id and the name;
-    `sizes` (dictionary, size), keyed by its id; `attributes` (owner, name, value) and `classes`
-    (module, its class, the class's MRO and their `__dict__`s, name: a name none of them has), keyed by the
-    owner's id and the name. The model itself, as an owner or a value, is recorded as `_ROOT`, so that a
-    read never holds it; `root` is None once the lookup is done.
+    Modules, as owners or values, are held by weak references: what is remembered for a model keeps
+    none of its modules alive, nor, through them, the fusions attached to them and the model those
+    hold. `root` is the model while the lookup is recorded, then None.
     """
 
     def __init__(self, root: nn.Module) -> None:
         self.root: nn.Module | None = root
+        self.modules: dict[int, weakref.ReferenceType[nn.Module]] = {}
+        """The modules read, by id."""
         self.entries: dict[tuple[int, str], tuple[dict[str, Any], str, object]] = {}
-        self.sizes: dict[int, tuple[dict[str, Any], int]] = {}
-        self.attributes: dict[tuple[int, str], tuple[Any, str, object]] = {}
-        self.classes: dict[tuple[int, str], tuple[Any, type, tuple[type, ...], tuple[Any, ...], str]] = {}
+        """Names in the `__dict__` of objects other than modules: (dictionary, name, value)."""
+        self.own: dict[tuple[int, str], tuple[int, str, object]] = {}
+        """Names in a module's `__dict__`: (module's id, name, value), a value that is not a module."""
+        self.inner: dict[tuple[int, str, str], tuple[int, str, str, object]] = {}
+        """Names in a module's `_modules`, `_parameters` or `_buffers`: (module's id, dictionary, name, value), a
+        value that is not a module."""
+        self.children: dict[tuple[int, str], tuple[int, str, weakref.ReferenceType[nn.Module]]] = {}
+        """Names in a module's `_modules` whose value is a module: (module's id, name, child)."""
+        self.sizes: dict[tuple[int, str], tuple[int, str, int]] = {}
+        """Sizes of a module's dictionaries: (module's id, dictionary, size)."""
+        self.attributes: dict[tuple[int, str], tuple[int | None, object, str, object]] = {}
+        """Attributes read by `getattr`: (module's id, or None and the object, name, value)."""
+        self.classes: dict[tuple[int, str], tuple[int, type, tuple[type, ...], tuple[Any, ...], str]] = {}
+        """A name that a module's class lacks: (module's id, class, its MRO, their `__dict__`s, name)."""
         self.complete = True
         self._checks: tuple[Any, ...] | None = None
 
-    def owner(self, obj: object) -> object:
-        """`obj` as a read records it: the model itself as `_ROOT`."""
-        return _ROOT if obj is self.root else obj
+    def _module(self, module: nn.Module) -> int:
+        self.modules[id(module)] = weakref.ref(module)
+        return id(module)
 
-    def holds(self, root: nn.Module) -> bool:
-        """Whether every read would give, in the model `root` now, what it gave."""
-        dictionaries, names, values, sized, sizes, attributes, classes = self._checks or self._compile()
-        if not all(map(is_, map(dict.get, dictionaries, names, repeat(_MISSING)), values)):
+    def lookup(self, owner: object, dictionary: str, name: str) -> object:
+        """`name` in `owner`'s `dictionary` ("__dict__", or a module's "_modules", "_parameters", "_buffers"),
+        or `_MISSING`, recorded."""
+        stored = vars(owner) if dictionary == "__dict__" else vars(owner)[dictionary]
+        value = stored.get(name, _MISSING)
+        if not isinstance(owner, nn.Module):
+            if isinstance(value, nn.Module):
+                self.complete = False  # held weakly, a module could be another by the next check
+            else:
+                self.entries[id(stored), name] = (stored, name, value)
+        elif isinstance(value, nn.Module):
+            if dictionary == "_modules":
+                self.children[id(owner), name] = (self._module(owner), name, weakref.ref(value))
+            else:
+                self.complete = False
+        elif dictionary == "__dict__":
+            self.own[id(owner), name] = (self._module(owner), name, value)
+        else:
+            self.inner[id(owner), dictionary, name] = (self._module(owner), dictionary, name, value)
+        return value
+
+    def size(self, module: nn.Module, dictionary: str) -> int:
+        """The number of entries of `module`'s `dictionary`, recorded."""
+        size = len(vars(module)[dictionary])
+        self.sizes[id(module), dictionary] = (self._module(module), dictionary, size)
+        return size
+
+    def attribute(self, owner: object, name: str, value: object) -> None:
+        """Record that `getattr(owner, name, None)` gave `value`."""
+        if isinstance(value, nn.Module):
+            self.complete = False
+        elif isinstance(owner, nn.Module):
+            self.attributes[id(owner), name] = (self._module(owner), None, name, value)
+        elif owner is not None:  # None's attributes do not change
+            self.attributes[id(owner), name] = (None, owner, name, value)
+
+    def absent(self, module: nn.Module, name: str) -> None:
+        """Record that `module` has no attribute `name` anywhere: not in its instance's dictionaries, nor its class's."""
+        for dictionary in ("__dict__", "_parameters", "_buffers", "_modules"):
+            if dictionary == "__dict__" or isinstance(vars(module).get(dictionary), dict):
+                self.lookup(module, dictionary, name)
+        cls = type(module)
+        namespaces = tuple(c.__dict__ for c in cls.__mro__)
+        self.classes[id(module), name] = (self._module(module), cls, cls.__mro__, namespaces, name)
+
+    def holds(self) -> bool:
+        """Whether every read would give, in the model now, what it gave."""
+        modules, entries, own, inner, children, sizes, attributes, classes = self._checks or self._compile()
+        dictionaries, names, expected = entries
+        if not all(map(is_, map(dict.get, dictionaries, names, repeat(_MISSING)), expected)):
             return False
-        if not all(map(eq, map(len, sized), sizes)):
+        try:
+            spaces = tuple(map(vars, map(_CALL, modules)))  # TypeError: vars(None), a module gone
+            space = spaces.__getitem__
+            index, names, expected = own
+            if not all(map(is_, map(dict.get, map(space, index), names, repeat(_MISSING)), expected)):
+                return False
+            index, dictionaries, names, expected = inner
+            found = map(dict.get, map(dict.__getitem__, map(space, index), dictionaries), names, repeat(_MISSING))
+            if not all(map(is_, found, expected)):
+                return False
+            index, names, expected = children
+            expected = tuple(map(_CALL, expected))
+            found = map(dict.get, map(dict.__getitem__, map(space, index), repeat("_modules")), names)
+            if None in expected or not all(map(is_, found, expected)):
+                return False  # None: a child gone, so another is there now, or none
+            index, dictionaries, counts = sizes
+            if not all(map(eq, map(len, map(dict.__getitem__, map(space, index), dictionaries)), counts)):
+                return False
+        except (TypeError, KeyError):  # a module gone, or one of its dictionaries
             return False
-        for owner, name, value in attributes:
-            if getattr(root if owner is _ROOT else owner, name, None) is not (root if value is _ROOT else value):
+        for index, owner, name, value in attributes:
+            if getattr(owner if index is None else modules[index](), name, None) is not value:
                 return False
-        for owner, cls, mro, namespaces, name in classes:
-            if type(root if owner is _ROOT else owner) is not cls or cls.__mro__ is not mro:
-                return False
-            if any(map(contains, namespaces, repeat(name))):
+        for index, cls, mro, namespaces, name in classes:
+            if (
+                type(modules[index]()) is not cls
+                or cls.__mro__ is not mro
+                or any(map(contains, namespaces, repeat(name)))
+            ):
                 return False
         return True
 
     def _compile(self) -> tuple[Any, ...]:
-        """The reads as the columns that `holds` checks: most of them one pass of dictionary look-ups."""
-        dictionaries, names, values = zip(*self.entries.values(), strict=True) if self.entries else ((), (), ())
-        sized, sizes = zip(*self.sizes.values(), strict=True) if self.sizes else ((), ())
+        """The reads as the columns that `holds` checks: passes of dictionary look-ups in C, over the modules'
+        `vars` found once; a module by its index in `modules`."""
+        position = {key: index for index, key in enumerate(self.modules)}
+
+        def columns(table: dict[Any, tuple[Any, ...]], width: int) -> tuple[tuple[Any, ...], ...]:
+            rows = [(position[row[0]], *row[1:]) for row in table.values()]
+            return tuple(zip(*rows, strict=True)) or ((),) * width
+
         self._checks = (
-            dictionaries,
-            names,
-            values,
-            sized,
-            sizes,
-            tuple(self.attributes.values()),
-            tuple(self.classes.values()),
+            tuple(self.modules.values()),
+            tuple(zip(*self.entries.values(), strict=True)) or ((), (), ()),
+            columns(self.own, 3),
+            columns(self.inner, 4),
+            columns(self.children, 3),
+            columns(self.sizes, 3),
+            tuple((None if index is None else position[index], *row) for index, *row in self.attributes.values()),
+            tuple((position[row[0]], *row[1:]) for row in self.classes.values()),
         )
         return self._checks
 
     def add(self, other: Reads) -> None:
         """Count `other`'s reads, of the same model, as this lookup's own."""
-        self.entries.update(other.entries)
-        self.sizes.update(other.sizes)
-        self.attributes.update(other.attributes)
-        self.classes.update(other.classes)
+        for mine, theirs in (
+            (self.modules, other.modules),
+            (self.entries, other.entries),
+            (self.own, other.own),
+            (self.inner, other.inner),
+            (self.children, other.children),
+            (self.sizes, other.sizes),
+            (self.attributes, other.attributes),
+            (self.classes, other.classes),
+        ):
+            mine.update(theirs)
         self.complete = self.complete and other.complete
         self._checks = None
 
-    def absent(self, module: nn.Module, name: str) -> None:
-        """Record that `module` has no attribute `name` anywhere: not in its instance's dictionaries, nor its class's."""
-        stored = module.__dict__
-        for table in (stored, stored.get("_parameters"), stored.get("_buffers"), stored.get("_modules")):
-            if isinstance(table, dict):
-                self.entries[id(table), name] = (table, name, _MISSING)
-        cls = type(module)
-        namespaces = tuple(c.__dict__ for c in cls.__mro__)
-        self.classes[id(module), name] = (self.owner(module), cls, cls.__mro__, namespaces, name)
+
+_CALL = weakref.ref.__call__
+"""What a weak reference holds (None once it is gone), as a function that `map` calls in C."""
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[object, Reads]]] = weakref.WeakKeyDictionary()
@@ -124,7 +207,7 @@ def remembered(model: nn.Module, key: Hashable, find: Callable[[], T]) -> T:
     outer = _READS.get()
     entries = _CACHE.get(model)
     found = None if entries is None else entries.get(key)
-    if found is not None and found[1].holds(model):
+    if found is not None and found[1].holds():
         value, reads = found
     else:
         with recording(model) as reads:
@@ -144,16 +227,16 @@ def remembered(model: nn.Module, key: Hashable, find: Callable[[], T]) -> T:
 
 @contextmanager
 def recording(model: nn.Module) -> Iterator[Reads]:
-    """Record the reads that the lookups run within make of `model`; the record's `holds(model)` says later,
+    """Record the reads that the lookups run within make of `model`; the record's `holds()` says later,
     in a few dictionary look-ups, whether they would all give what they gave (if `complete`: all were recorded).
 
     >>> model = nn.Sequential(nn.Linear(2, 2))
     >>> with recording(model) as reads:
     ...     found = remembered(model, "first", lambda: submodule(model, "0"))
-    >>> reads.complete, reads.holds(model)
+    >>> reads.complete, reads.holds()
     (True, True)
     >>> model[0] = nn.Linear(2, 2)
-    >>> reads.holds(model)
+    >>> reads.holds()
     False
     """
     reads = Reads(model)
@@ -179,8 +262,8 @@ def submodule(root: nn.Module, path: str) -> nn.Module | None:
         child = child if isinstance(child, nn.Module) else None
         if reads is not None:
             registered = getattr(module, "__dict__", {}).get("_modules")
-            if isinstance(registered, dict) and registered.get(name) is child and child is not reads.root:
-                reads.entries[id(registered), name] = (registered, name, registered.get(name, _MISSING))
+            if isinstance(registered, dict) and registered.get(name) is child:
+                reads.lookup(module, "_modules", name)
             else:  # found other than as a registered child: a look-up in `_modules` cannot vouch for it
                 reads.complete = False
         if child is None:
@@ -201,10 +284,10 @@ def attribute(obj: object, name: str) -> Any:
         stored = getattr(obj, "__dict__", None)
         if isinstance(obj, nn.Module) and not _found_in_module(obj, name):
             reads.absent(obj, name)
-        elif isinstance(stored, dict) and stored.get(name, _MISSING) is value and value is not reads.root:
-            reads.entries[id(stored), name] = (stored, name, value)
+        elif isinstance(stored, dict) and stored.get(name, _MISSING) is value:
+            reads.lookup(obj, "__dict__", name)
         else:
-            reads.attributes[id(obj), name] = (reads.owner(obj), name, reads.owner(value))
+            reads.attribute(obj, name, value)
     return value
 
 
@@ -223,23 +306,19 @@ def _found_in_module(module: nn.Module, name: str) -> bool:
 
 def length(modules: nn.Module) -> int:
     """The number of `modules`' children (of an `nn.ModuleList`: its length), recorded."""
-    size = len(modules._modules)
     reads = _READS.get()
-    if reads is not None:
-        reads.sizes[id(modules._modules)] = (modules._modules, size)
-    return size
+    return len(modules._modules) if reads is None else reads.size(modules, "_modules")
 
 
 def first_parameter(root: nn.Module) -> nn.Parameter | None:
     """`next(root.parameters(), None)`, recorded: the parameters of the modules visited on the way (the path
     to the first one that has any, in the same order as `parameters()`) and the children taken."""
     reads = _READS.get()
-    table = root._parameters
-    own = tuple(table.values())
+    own = tuple(root._parameters.values())
     if reads is not None:
-        reads.sizes[id(table)] = (table, len(table))
-        for name, parameter in table.items():
-            reads.entries[id(table), name] = (table, name, parameter)
+        reads.size(root, "_parameters")
+        for name in root._parameters:
+            reads.lookup(root, "_parameters", name)
     found = next((parameter for parameter in own if parameter is not None), None)
     if found is not None:
         return found

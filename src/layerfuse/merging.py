@@ -102,14 +102,22 @@ _MERGED: weakref.WeakKeyDictionary[nn.Module, list[Merged]] = weakref.WeakKeyDic
 
 
 class Merged:
-    """A fusion folded into a model's parameters; `unmerge()` restores them bitwise. A context manager."""
+    """A fusion folded into a model's parameters; `unmerge()` restores them bitwise. A context manager.
+
+    It holds the model weakly: the record of the merges into a model, kept per model, must not keep it alive.
+    """
 
     def __init__(
         self, model: nn.Module, config: FusionConfig, originals: dict[str, tuple[nn.Parameter, torch.Tensor]]
     ) -> None:
-        self.model = model
+        self._model = weakref.ref(model)
         self.config = config
         self._originals = originals
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model merged into (None once it is deleted)."""
+        return self._model()
 
     @property
     def parameters(self) -> list[str]:
@@ -119,14 +127,16 @@ class Merged:
     @property
     def active(self) -> bool:
         """Whether the fusion is still merged."""
-        return self in _MERGED.get(self.model, ())
+        model = self.model
+        return model is not None and self in _MERGED.get(model, ())
 
     def unmerge(self) -> None:
         """Copy the parameters' original values back; calling it again does nothing.
 
         Refused while a later merge changed one of the same parameters: unmerge that one first.
         """
-        stack = _MERGED.get(self.model, [])
+        model = self.model
+        stack = [] if model is None else _MERGED.get(model, [])
         if self not in stack:
             return
         later = stack[stack.index(self) + 1 :]

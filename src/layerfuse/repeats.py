@@ -14,7 +14,8 @@ Anything else is checked and built anew, and kept in place of what was. Only cal
 are plain values (strings, numbers, None, tuples or lists of ints) are kept: a `Method` instance, a
 learned method (new parameters every call), a positions mask, info that requires grad are built
 every time, and what a call under `torch.inference_mode` built is used again only under it. The last
-few calls are kept per model, which is held weakly.
+few calls are kept per model, which is held weakly, as are its modules (in the site and the reads):
+what is kept never keeps a model alive, also while fusions are attached to it.
 
 >>> import torch
 >>> from transformers import BertConfig, BertModel
@@ -158,7 +159,7 @@ def kept(model: nn.Module, key: Hashable, info: torch.Tensor | None) -> Kept | N
     if found is None:
         return None
     weight = found.weight
-    if weight.dtype is not found.dtype or weight.device != found.device or not found.reads.holds(model):
+    if weight.dtype is not found.dtype or weight.device != found.device or not found.reads.holds():
         return None
     if found.method.arguments() != found.arguments:
         return None

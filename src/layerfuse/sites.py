@@ -21,6 +21,7 @@ lists every site.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from inspect import signature
@@ -30,7 +31,7 @@ import torch
 import transformers
 from torch import nn
 
-from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, LayerIndexError
+from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FusionStateError, LayerIndexError
 from .lookups import attribute, length, remembered, submodule, unrecorded
 
 Point = Literal["input", "output"]
@@ -120,23 +121,54 @@ class Block:
     call: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Site:
     """A resolved place to fuse: a module, its input or output, for a shared module which call, and its stack.
 
     `attention_mask` names the argument of the model's forward that holds the mask of the positions
-    this site sees (None where the model has several and none is this site's).
+    this site sees (None where the model has several and none is this site's). The module is held
+    weakly: a site remembered for a model (`lookups`) must not keep the model's modules, and with them
+    the fusions attached to them and their model, alive.
     """
 
     layer: int | None
     kind: str
     name: str
-    module: nn.Module = field(repr=False)
-    point: Point = "output"
-    call: int | None = None
-    input_name: str = "hidden_states"
-    stack: str | None = None
-    attention_mask: str | None = "attention_mask"
+    point: Point
+    call: int | None
+    input_name: str
+    stack: str | None
+    attention_mask: str | None
+    _module: weakref.ReferenceType[nn.Module] = field(repr=False)
+
+    def __init__(
+        self,
+        layer: int | None,
+        kind: str,
+        name: str,
+        module: nn.Module,
+        point: Point = "output",
+        call: int | None = None,
+        input_name: str = "hidden_states",
+        stack: str | None = None,
+        attention_mask: str | None = "attention_mask",
+    ) -> None:
+        fields = {"layer": layer, "kind": kind, "name": name, "point": point, "call": call}
+        fields |= {"input_name": input_name, "stack": stack, "attention_mask": attention_mask}
+        fields["_module"] = weakref.ref(module)
+        for key, value in fields.items():
+            object.__setattr__(self, key, value)
+
+    @property
+    def module(self) -> nn.Module:
+        """The module fused: the model's, for as long as the model holds it."""
+        module = self._module()
+        if module is None:
+            raise FusionStateError(
+                f"the module at {self.name} is gone: the model no longer holds it (replaced, or the model deleted), "
+                "so nothing fuses there: fuse the model again"
+            )
+        return module
 
 
 def _base(model: nn.Module) -> nn.Module:
