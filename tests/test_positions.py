@@ -1,5 +1,7 @@
 """Positions "first" and "last" on a padded batch with a row of padding only: that row has no first or last
-real token, so nothing in it changes; the other rows change at their own first or last real token."""
+real token, so nothing in it changes; the other rows change at their own first or last real token.
+Positions "tokens" on a batch without padding: every position, as "all", also where a trace records
+the forward once and runs it on padded batches."""
 
 from __future__ import annotations
 
@@ -43,3 +45,45 @@ def test_a_row_of_padding_only_is_left_unchanged(which, approach):
     assert not torch.equal(fused[LAYER][real], plain[LAYER][real])
     for got, expected in zip(fused, reference, strict=True):
         torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+@pytest.mark.parametrize("mask", ["ones", "none"])
+def test_tokens_of_a_batch_without_padding_are_every_position(approach, mask):
+    model = tiny_bert()
+    batch = padded_batch(lengths=(5, 5))
+    assert bool(batch["attention_mask"].all())
+    if mask == "none":
+        del batch["attention_mask"]
+    info = torch.randn(H, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = bert_forward(model, padded_batch(lengths=(5, 5)), layer=LAYER, info=info, combine=torch.add)
+        with layerfuse.fuse(model, info, layer=LAYER, positions="tokens", approach=approach):
+            fused = model(**batch, output_hidden_states=True).hidden_states
+        with layerfuse.fuse(model, info, layer=LAYER, approach=approach):
+            everywhere = model(**batch, output_hidden_states=True).hidden_states
+    assert all(torch.equal(got, expected) for got, expected in zip(fused, everywhere, strict=True))
+    for got, expected in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def test_tokens_traced_on_a_batch_without_padding_still_leave_the_padding_of_later_batches():
+    model = tiny_bert("eager")
+    unpadded, padded = padded_batch(lengths=(5, 5)), padded_batch(lengths=(5, 3))
+    info = torch.randn(H, generator=torch.Generator().manual_seed(0))
+    inputs = ("input_ids", "attention_mask")
+    with torch.no_grad(), layerfuse.fuse(model, info, layer=LAYER, positions="tokens"):
+        traced = torch.jit.trace(_Hidden(model), tuple(unpadded[name] for name in inputs), check_trace=False)
+        eager = _Hidden(model)(*(padded[name] for name in inputs))
+    with torch.no_grad():
+        got = traced(*(padded[name] for name in inputs))
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)

@@ -87,6 +87,8 @@ class Positions:
             chosen = torch.zeros(1, length, 1, dtype=torch.bool, device=hidden.device)
             chosen[0, self.indices] = True
             return chosen
+        if self.value == "tokens" and (attention_mask is None or _all_real(attention_mask, batch, length)):
+            return None  # every position a real token: "tokens" is "all", and the forward spares a torch.where
         real = self._real(attention_mask, batch, length, hidden.device)
         if self.value == "tokens":
             return real.unsqueeze(-1)
@@ -109,3 +111,16 @@ class Positions:
             )
         # With a cache, the mask covers past and current tokens; the current ones are the last columns.
         return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+def _all_real(attention_mask: torch.Tensor, batch: int, length: int) -> bool:
+    """Whether the last `length` columns of a CPU `attention_mask` of `batch` rows are all real tokens, as an
+    unpadded batch's are.
+
+    Not asked of a mask on an accelerator (the answer would wait for the device), nor under a trace or
+    `torch.compile`, whose graph must hold for padded batches too: there the positions are chosen as usual.
+    """
+    if attention_mask.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    shape = attention_mask.shape
+    return len(shape) == 2 and shape[0] == batch and shape[1] >= length and bool(attention_mask[:, -length:].all())
