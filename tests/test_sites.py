@@ -78,6 +78,16 @@ def test_architectures_without_findable_blocks_get_a_clear_error(model, message)
         layerfuse.fuse(model, torch.ones(32), layer=1)
 
 
+@pytest.mark.parametrize("approach", ["hook", "layer"])
+def test_a_list_of_blocks_holding_none_gets_a_clear_error_and_the_model_stays_as_it_was(tiny, approach):
+    tiny.encoder.layer[1] = None
+    before = snapshot(tiny)
+    for layer in (1, 2, 3):  # before, at and after the missing block
+        with pytest.raises(layerfuse.ArchitectureError, match="encoder.layer holds None in place of block 1"):
+            layerfuse.fuse(tiny, torch.ones(32), layer=layer, approach=approach)
+    assert_unchanged(tiny, before)
+
+
 def test_a_named_module_works_where_blocks_cannot_be_found():
     model = TwoStacks()
     with layerfuse.fuse(model, torch.ones(32), site="decoder.1") as fusion:

@@ -272,6 +272,13 @@ def find_blocks(model: nn.Module, stack: str | None = None) -> list[Block]:
             f"config.num_hidden_layers={count} blocks, found {found}; "
             "name the module to fuse instead, e.g. site='encoder.layer.3'"
         )
+    empty = [name for name, block in candidates[0]._modules.items() if block is None]
+    if empty:
+        raise ArchitectureError(
+            f"cannot locate the blocks of {type(model).__name__}: {names[id(candidates[0])]} holds None in place of "
+            f"block {', '.join(empty)} (a block set to None), so the model cannot run: put a block back there, "
+            "or name the module to fuse instead"
+        )
     return [Block(names[id(block)], block) for block in candidates[0]]
 
 
