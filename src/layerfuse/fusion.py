@@ -102,7 +102,7 @@ class Fusion:
         if self._detach is None:
             self._watch_if_needed()
             try:
-                self._detach = APPROACHES[self.approach](self.site.module, self)
+                self._detach = APPROACHES[self.approach](self._module, self)
             except BaseException:
                 self.remove()
                 raise
@@ -210,7 +210,7 @@ class Fusion:
             self._watch.check_rows(self.info.batch_size)
         if not self.positions.needs_attention_mask:
             return True, None
-        return True, self._watch.current_mask(f"a fusion at positions {self.positions.value!r}")
+        return True, self._watch.current_mask(self.positions.value)
 
     def fuse_output(self, output: Any, state: ForwardState | None = None) -> Any:
         """`output` of the site's module with the fusion applied to its hidden states."""

@@ -32,6 +32,8 @@ class Positions:
         self.value = positions
         self.indices: list[int] | None = None
         self.mask: torch.Tensor | None = None
+        self.needs_attention_mask = isinstance(positions, str) and positions in ("tokens", "first", "last")
+        """Whether `select` needs the attention mask of the current forward."""
         if isinstance(positions, str):
             if positions not in NAMED:
                 raise ArgumentValueError(
@@ -58,11 +60,6 @@ class Positions:
                 f"or a boolean (B, T) mask, got {positions!r}"
             )
 
-    @property
-    def needs_attention_mask(self) -> bool:
-        """Whether `select` needs the attention mask of the current forward."""
-        return self.value in ("tokens", "first", "last")
-
     def to_json(self) -> str | list[int] | None:
         """The positions as JSON (None for a mask tensor, which is saved as a tensor)."""
         return self.indices if self.indices is not None else None if self.mask is not None else self.value
@@ -87,9 +84,15 @@ class Positions:
             chosen = torch.zeros(1, length, 1, dtype=torch.bool, device=hidden.device)
             chosen[0, self.indices] = True
             return chosen
-        if self.value == "tokens" and (attention_mask is None or _all_real(attention_mask, batch, length)):
-            return None  # every position a real token: "tokens" is "all", and the forward spares a torch.where
-        real = self._real(attention_mask, batch, length, hidden.device)
+        if attention_mask is None:
+            if self.value == "tokens":
+                return None  # every position a real token: "tokens" is "all"
+            real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        else:
+            current = _current(attention_mask, batch, length)
+            if self.value == "tokens" and _unpadded(current):
+                return None  # as above, and the forward spares a torch.where
+            real = current.to(device=hidden.device, dtype=torch.bool)
         if self.value == "tokens":
             return real.unsqueeze(-1)
         columns = torch.arange(length, device=hidden.device)
@@ -100,27 +103,26 @@ class Positions:
         # A row of padding only has no first or last real token: `& real` leaves it unchanged.
         return ((columns[None, :] == index[:, None]) & real).unsqueeze(-1)
 
-    @staticmethod
-    def _real(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
-        if attention_mask is None:
-            return torch.ones(batch, length, dtype=torch.bool, device=device)
-        if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-            raise InfoShapeError(
-                f"positions need a 2-D (B, T) attention mask covering this forward's ({batch}, {length}) "
-                f"tokens, got {tuple(attention_mask.shape)}"
-            )
-        # With a cache, the mask covers past and current tokens; the current ones are the last columns.
-        return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+def _current(attention_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The columns of `attention_mask` for this forward's `length` tokens: with a cache, the mask covers past and
+    current tokens, and the current ones are the last. Under a trace, sliced always: the graph must hold for a
+    longer mask too."""
+    shape = attention_mask.shape
+    if len(shape) != 2 or shape[0] != batch or shape[1] < length:
+        raise InfoShapeError(
+            f"positions need a 2-D (B, T) attention mask covering this forward's ({batch}, {length}) "
+            f"tokens, got {tuple(shape)}"
+        )
+    return attention_mask if shape[1] == length and not torch.jit.is_tracing() else attention_mask[:, -length:]
 
 
-def _all_real(attention_mask: torch.Tensor, batch: int, length: int) -> bool:
-    """Whether the last `length` columns of a CPU `attention_mask` of `batch` rows are all real tokens, as an
-    unpadded batch's are.
+def _unpadded(current: torch.Tensor) -> bool:
+    """Whether the `current` columns of a CPU attention mask are all real tokens, as an unpadded batch's are.
 
     Not asked of a mask on an accelerator (the answer would wait for the device), nor under a trace or
     `torch.compile`, whose graph must hold for padded batches too: there the positions are chosen as usual.
     """
-    if attention_mask.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if current.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    shape = attention_mask.shape
-    return len(shape) == 2 and shape[0] == batch and shape[1] >= length and bool(attention_mask[:, -length:].all())
+    return bool(current.all())

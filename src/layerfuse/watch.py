@@ -189,12 +189,13 @@ class ForwardWatch:
                 "use layerfuse.encode(...), or call the model as model(...) with the batch in the info's order"
             )
 
-    def current_mask(self, what: str) -> torch.Tensor | None:
-        """The attention mask of the forward running now (None: it was given none); an error outside a forward."""
+    def current_mask(self, positions: object) -> torch.Tensor | None:
+        """The attention mask of the forward running now (None: it was given none), for a fusion at `positions`;
+        an error outside a forward."""
         state = self._thread
         if state.depth == 0:
             raise FusionStateError(
-                f"{what} needs the attention mask of the current forward of {type(self.model).__name__}, but the "
+                f"a fusion at positions {positions!r} needs the attention mask of the current forward of {type(self.model).__name__}, but the "
                 "fused module ran outside one (called on its own, or recomputed by gradient checkpointing): call "
                 "the model itself, or fuse at positions that need no mask ('all', token indices or a mask)"
             )
@@ -209,4 +210,3 @@ class ForwardWatch:
             watched.watches.remove(self)
             if not watched.watches:
                 watched.take_off(self.model)
-        self.mask = None
