@@ -11,6 +11,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 import layerfuse
 from conftest import padded_batch, tiny_bert
+from layerfuse import repeats
 from layerfuse.methods import make_method
 from reference import bert_forward
 
@@ -149,14 +150,16 @@ def test_two_fusions_of_one_call_attached_together_both_apply():
     assert_close(out, expected(model, batch, 1, v, alpha=2.0))
 
 
-def test_what_is_kept_holds_neither_the_model_nor_the_info():
+def test_what_is_kept_holds_neither_the_model_nor_the_info_and_goes_with_the_model():
     model, v = tiny_bert(), torch.randn(H)
     layerfuse.fuse(model, v, layer=1).remove()
     layerfuse.fuse(model, v, layer=1, positions="tokens", approach="layer").remove()
-    model_ref, info_ref = weakref.ref(model), weakref.ref(v)
+    model_ref, info_ref, address = weakref.ref(model), weakref.ref(v), id(model)
+    assert address in repeats._KEPT
     del model, v
     gc.collect()
     assert model_ref() is None and info_ref() is None
+    assert address not in repeats._KEPT
 
 
 def test_what_a_call_built_in_inference_mode_is_not_reused_where_autograd_records():

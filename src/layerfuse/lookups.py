@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from itertools import repeat
-from operator import contains, eq, is_
+from operator import eq, is_
 from typing import Any, TypeVar
 
 from torch import nn
@@ -63,8 +63,8 @@ class Reads:
         """Sizes of a module's dictionaries: (module's id, dictionary, size)."""
         self.attributes: dict[tuple[int, str], tuple[int | None, object, str, object]] = {}
         """Attributes read by `getattr`: (module's id, or None and the object, name, value)."""
-        self.classes: dict[tuple[int, str], tuple[int, type, tuple[type, ...], tuple[Any, ...], str]] = {}
-        """A name that a module's class lacks: (module's id, class, its MRO, their `__dict__`s, name)."""
+        self.classes: dict[tuple[int, str], tuple[int, type, str]] = {}
+        """A name that a module's class lacks: (module's id, class, name)."""
         self.complete = True
         self._checks: tuple[Any, ...] | None = None
 
@@ -113,9 +113,7 @@ class Reads:
         for dictionary in ("__dict__", "_parameters", "_buffers", "_modules"):
             if dictionary == "__dict__" or isinstance(vars(module).get(dictionary), dict):
                 self.lookup(module, dictionary, name)
-        cls = type(module)
-        namespaces = tuple(c.__dict__ for c in cls.__mro__)
-        self.classes[id(module), name] = (self._module(module), cls, cls.__mro__, namespaces, name)
+        self.classes[id(module), name] = (self._module(module), type(module), name)
 
     def holds(self) -> bool:
         """Whether every read would give, in the model now, what it gave."""
@@ -146,12 +144,8 @@ class Reads:
         for index, owner, name, value in attributes:
             if getattr(owner if index is None else modules[index](), name, None) is not value:
                 return False
-        for index, cls, mro, namespaces, name in classes:
-            if (
-                type(modules[index]()) is not cls
-                or cls.__mro__ is not mro
-                or any(map(contains, namespaces, repeat(name)))
-            ):
+        for index, cls, name in classes:  # a class's getattr looks through its bases, in C
+            if type(modules[index]()) is not cls or getattr(cls, name, _MISSING) is not _MISSING:
                 return False
         return True
 

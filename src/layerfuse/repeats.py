@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 KEPT_PER_MODEL = 16
 """How many distinct calls are kept per model; the oldest goes first."""
 _PLAIN = (str, int, float, type(None))
+_PLAIN_TYPES = frozenset(_PLAIN)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,25 @@ class Kept:
     """Built under `torch.inference_mode`: its tensors cannot join a graph autograd records, so not reused outside it."""
 
 
-_KEPT: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Kept]] = weakref.WeakKeyDictionary()
+_KEPT: dict[int, tuple[weakref.ReferenceType[nn.Module], dict[Hashable, Kept]]] = {}
+"""The calls kept per model, by the model's id, with a weak reference to it: one dictionary look-up to find them."""
 _LOCK = threading.Lock()
+
+
+def _kept_for(model: nn.Module) -> dict[Hashable, Kept]:
+    """The calls kept for `model`, made empty if there are none; its entry goes when the model does. Under `_LOCK`."""
+    ident = id(model)
+    entry = _KEPT.get(ident)
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+
+    def forget(reference: weakref.ReferenceType[nn.Module]) -> None:  # no lock: it may run amid any allocation
+        if _KEPT.get(ident, (None,))[0] is reference:
+            _KEPT.pop(ident, None)
+
+    calls: dict[Hashable, Kept] = {}
+    _KEPT[ident] = (weakref.ref(model, forget), calls)
+    return calls
 
 
 def call_key(config: FusionConfig | None, fields: tuple[Any, ...], arguments: Mapping[str, Any]) -> Hashable | None:
@@ -95,6 +113,8 @@ def call_key(config: FusionConfig | None, fields: tuple[Any, ...], arguments: Ma
             return None  # refused by `config_or_keywords`
         fields = (config.method, config.layer, config.site, config.stack, config.approach, config.positions)
         arguments = config.arguments
+    if not arguments and _PLAIN_TYPES.issuperset(map(type, fields)):  # the usual call, keyed in C
+        return (config is not None, *zip(map(type, fields), fields))
     key: list[Hashable] = [config is not None]
     for value in fields:
         if (plain := _plain(value)) is None:
@@ -145,7 +165,7 @@ def keep(model: nn.Module, key: Hashable, fusion: Fusion, reads: Reads, info: to
         inference=torch.is_inference_mode_enabled(),
     )
     with _LOCK:
-        calls = _KEPT.setdefault(model, {})
+        calls = _kept_for(model)
         calls.pop(key, None)
         calls[key] = kept
         while len(calls) > KEPT_PER_MODEL:
@@ -154,8 +174,8 @@ def keep(model: nn.Module, key: Hashable, fusion: Fusion, reads: Reads, info: to
 
 def kept(model: nn.Module, key: Hashable, info: torch.Tensor | None) -> Kept | None:
     """What the call `key` built on `model` with `info`, if everything it was built from holds."""
-    calls = _KEPT.get(model)
-    found = None if calls is None else calls.get(key)
+    entry = _KEPT.get(id(model))
+    found = entry[1].get(key) if entry is not None and entry[0]() is model else None
     if found is None:
         return None
     weight = found.weight
