@@ -35,6 +35,22 @@ def test_remove_restores_the_model_exactly(tiny, batch, approach):
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
+def test_a_removed_fusion_attached_again_fuses_again_unless_its_module_was_replaced(tiny, batch, approach):
+    with layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach) as fusion:
+        fused = run(tiny, batch).last_hidden_state
+    with fusion.attach():
+        assert torch.equal(run(tiny, batch).last_hidden_state, fused)
+    tiny.encoder.layer[1] = copy.deepcopy(tiny.encoder.layer[1])
+    before = snapshot(tiny)
+    with pytest.raises(layerfuse.FusionStateError, match="no longer holds the module .* at encoder.layer.1"):
+        fusion.attach()
+    assert not fusion.active
+    assert_unchanged(tiny, before)
+    with layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach):
+        assert torch.equal(run(tiny, batch).last_hidden_state, fused)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
 def test_exception_inside_with_leaves_nothing_behind(tiny, batch, approach):
     before = snapshot(tiny)
     with pytest.raises(layerfuse.InfoShapeError, match="batch of 5"):

@@ -27,10 +27,10 @@ from torch import nn
 
 from .approaches import APPROACHES, Arguments, Detach
 from .config import FusionConfig, config_or_keywords
-from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError
+from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FusionStateError
 from .generation import watch_generate
 from .info import Info, check_tensor
-from .lookups import recording, remembered_first_parameter
+from .lookups import recording, remembered_first_parameter, submodule
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
@@ -66,6 +66,7 @@ class Fusion:
         self._watch: ForwardWatch | None = None
         self._generate: Detach | None = None
         self._detach: Detach | None = None
+        self._attached_before = False
 
     @property
     def layer(self) -> int | None:
@@ -98,8 +99,18 @@ class Fusion:
         return self._detach is not None
 
     def attach(self) -> Fusion:
-        """Attach the fusion to the model (done by `fuse`); return it."""
+        """Attach the fusion to the model (done by `fuse`); return it.
+
+        Attached again after `remove()`, it is refused where the model no longer holds the fused module
+        at its name (a block replaced since), whose fusion would change nothing the model runs.
+        """
         if self._detach is None:
+            if self._attached_before and submodule(self.model, self.site.name) is not self._module:
+                raise FusionStateError(
+                    f"the model no longer holds the module this fusion was made for at {self.site.name} (replaced "
+                    "or removed since), so attached again it would change nothing the model runs: fuse the model again"
+                )
+            self._attached_before = True
             self._watch_if_needed()
             try:
                 self._detach = APPROACHES[self.approach](self._module, self)
