@@ -4,9 +4,10 @@ At batch 1 ("Hello, how are you?") on the embedded MiniLM, addition at layer 2, 
 plain forward; a forward with the fusion attached once (attached and removed outside the timing);
 the per-call forward (fuse, forward, remove, all timed); `fuse()` + `remove()` timed right after a
 forward ("cold": what the per-call protocol pays) and again right after that ("hot": a tight loop's
-figure). Each is the median over the rounds and its ratio to the plain forward's median. The whole
-run is made with the garbage collector on, then off, at 1 and 2 threads. Prints a Markdown table and
-writes everything to `docs/bench_per_call.json`.
+figure); and, for scale, one forward hook added to the fused block and removed, right after a
+forward. Each is the median over the rounds and its ratio to the plain forward's median. The whole
+run is made with the garbage collector on, then off, at 1 and 2 threads. Prints a Markdown table
+and writes everything to `docs/bench_per_call.json`.
 
     python benchmarks/bench_per_call.py [--rounds 300]
 """
@@ -25,16 +26,29 @@ import torch
 import transformers
 
 import layerfuse
+from layerfuse.sites import resolve_site
 
 TEXT = "Hello, how are you?"
 LAYER = 2
-PARTS = ("plain", "attached once", "per call", "per call, tokens", "fuse + remove, cold", "fuse + remove, hot")
+PARTS = (
+    "plain",
+    "attached once",
+    "per call",
+    "per call, tokens",
+    "fuse + remove, cold",
+    "fuse + remove, hot",
+    "one hook, cold",
+)
 
 
 def _timed(call) -> float:
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
+
+
+def _nothing(*_: object) -> None:
+    pass
 
 
 def rounds_of(model, batch, info, rounds: int) -> dict[str, list[float]]:
@@ -50,6 +64,11 @@ def rounds_of(model, batch, info, rounds: int) -> dict[str, list[float]]:
     def fuse_remove() -> None:
         layerfuse.fuse(model, info, layer=LAYER).remove()
 
+    block = resolve_site(model, layer=LAYER).module
+
+    def one_hook() -> None:
+        block.register_forward_hook(_nothing).remove()
+
     seconds: dict[str, list[float]] = {part: [] for part in PARTS}
     for round_ in range(rounds + rounds // 10):
         got = {"plain": _timed(forward)}
@@ -61,6 +80,8 @@ def rounds_of(model, batch, info, rounds: int) -> dict[str, list[float]]:
         forward()
         got["fuse + remove, cold"] = _timed(fuse_remove)
         got["fuse + remove, hot"] = _timed(fuse_remove)
+        forward()
+        got["one hook, cold"] = _timed(one_hook)
         if round_ >= rounds // 10:
             for part, value in got.items():
                 seconds[part].append(value)
