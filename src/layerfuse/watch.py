@@ -106,8 +106,10 @@ class WatchedForward(StandIn):
                 watch.exit()
 
 
-class _ThreadState(threading.local):
+class _ThreadState:
     """What a watch knows of the forward running in one thread."""
+
+    __slots__ = ("calls", "depth", "direct", "in_order", "mask", "outer")
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
@@ -118,9 +120,18 @@ class _ThreadState(threading.local):
         self.outer: list[tuple[torch.Tensor | None, int, bool]] = []
 
 
+class _PerThread(threading.local):
+    """A watch's `_ThreadState` for each thread: found once per call, then read as plain slots."""
+
+    def __init__(self) -> None:
+        self.state = _ThreadState()
+
+
 def _per_thread(name: str) -> Any:
     """An attribute of the watch whose value is the current thread's."""
-    return property(operator.attrgetter(f"_thread.{name}"), lambda self, value: setattr(self._thread, name, value))
+    return property(
+        operator.attrgetter(f"_thread.state.{name}"), lambda self, value: setattr(self._thread.state, name, value)
+    )
 
 
 class ForwardWatch:
@@ -143,7 +154,7 @@ class ForwardWatch:
         self.index = attention_mask_index(model, mask_name) if needs_mask else None
         self.mask_name = mask_name
         self.model = model
-        self._thread = _ThreadState()
+        self._thread = _PerThread()
         with _LOCK:
             watched = WatchedForward.on(model)
             watched.watches.append(self)
@@ -160,7 +171,7 @@ class ForwardWatch:
 
     def enter(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, direct: bool = False) -> None:
         """A forward of the model starts with `args` and `kwargs`; `direct`: called as `model.forward(...)`."""
-        state = self._thread
+        state = self._thread.state
         state.outer.append((state.mask, state.calls, state.direct))
         state.depth += 1
         state.calls, state.direct = 0, direct
@@ -169,7 +180,7 @@ class ForwardWatch:
 
     def exit(self) -> None:
         """The forward that started last has ended, or raised."""
-        state = self._thread
+        state = self._thread.state
         state.mask, state.calls, state.direct = state.outer.pop()
         state.depth -= 1
 
@@ -180,7 +191,7 @@ class ForwardWatch:
         sorting the texts by length, may hold the examples in any order; `model(...)`, or a caller that
         says it keeps the order (`in_order`), holds them as given.
         """
-        state = self._thread
+        state = self._thread.state
         if state.depth and state.direct and not state.in_order:
             raise FusionStateError(
                 f"per-example info for {batch_size} examples is matched to a forward's examples by their order, and "
@@ -192,7 +203,7 @@ class ForwardWatch:
     def current_mask(self, positions: object) -> torch.Tensor | None:
         """The attention mask of the forward running now (None: it was given none), for a fusion at `positions`;
         an error outside a forward."""
-        state = self._thread
+        state = self._thread.state
         if state.depth == 0:
             raise FusionStateError(
                 f"a fusion at positions {positions!r} needs the attention mask of the current forward of {type(self.model).__name__}, but the "
