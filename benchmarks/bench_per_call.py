@@ -1,13 +1,13 @@
 """Where the per-call protocol's time goes: `with fuse(model, v, layer=k): model(**batch)` taken apart.
 
 At batch 1 ("Hello, how are you?") on the embedded MiniLM, addition at layer 2, round by round: the
-plain forward; a forward with the fusion attached once (attached and removed outside the timing);
-the per-call forward (fuse, forward, remove, all timed); `fuse()` + `remove()` timed right after a
-forward ("cold": what the per-call protocol pays) and again right after that ("hot": a tight loop's
-figure); and, for scale, one forward hook added to the fused block and removed, right after a
-forward. Each is the median over the rounds and its ratio to the plain forward's median. The whole
-run is made with the garbage collector on, then off, at 1 and 2 threads. Prints a Markdown table
-and writes everything to `docs/bench_per_call.json`.
+plain forward; a forward with the fusion attached once (attached and removed outside the timing),
+at positions "all" and "tokens"; the per-call forward (fuse, forward, remove, all timed); `fuse()` +
+`remove()` timed right after a forward ("cold": what the per-call protocol pays) and again right
+after that ("hot": a tight loop's figure); and, for scale, one forward hook added to the fused block
+and removed, right after a forward. Each is the median over the rounds and its ratio to the plain
+forward's median. The whole run is made with the garbage collector on, then off, at 1 and 2
+threads. Prints a Markdown table and writes everything to `docs/bench_per_call.json`.
 
     python benchmarks/bench_per_call.py [--rounds 300]
 """
@@ -33,6 +33,7 @@ LAYER = 2
 PARTS = (
     "plain",
     "attached once",
+    "attached once, tokens",
     "per call",
     "per call, tokens",
     "fuse + remove, cold",
@@ -74,6 +75,9 @@ def rounds_of(model, batch, info, rounds: int) -> dict[str, list[float]]:
         got = {"plain": _timed(forward)}
         fusion = layerfuse.fuse(model, info, layer=LAYER)
         got["attached once"] = _timed(forward)
+        fusion.remove()
+        fusion = layerfuse.fuse(model, info, layer=LAYER, positions="tokens")
+        got["attached once, tokens"] = _timed(forward)
         fusion.remove()
         got["per call"] = _timed(lambda: per_call("all"))
         got["per call, tokens"] = _timed(lambda: per_call("tokens"))
