@@ -123,6 +123,6 @@ def _unpadded(current: torch.Tensor) -> bool:
     Not asked of a mask on an accelerator (the answer would wait for the device), nor under a trace or
     `torch.compile`, whose graph must hold for padded batches too: there the positions are chosen as usual.
     """
-    if current.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not current.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return bool(current.all())

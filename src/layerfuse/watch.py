@@ -206,9 +206,10 @@ class ForwardWatch:
         state = self._thread.state
         if state.depth == 0:
             raise FusionStateError(
-                f"a fusion at positions {positions!r} needs the attention mask of the current forward of {type(self.model).__name__}, but the "
-                "fused module ran outside one (called on its own, or recomputed by gradient checkpointing): call "
-                "the model itself, or fuse at positions that need no mask ('all', token indices or a mask)"
+                f"a fusion at positions {positions!r} needs the attention mask of the current forward of "
+                f"{type(self.model).__name__}, but the fused module ran outside one (called on its own, or "
+                "recomputed by gradient checkpointing): call the model itself, or fuse at positions that need no "
+                "mask ('all', token indices or a mask)"
             )
         return state.mask
 
