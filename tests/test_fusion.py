@@ -50,6 +50,50 @@ def test_a_removed_fusion_attached_again_fuses_again_unless_its_module_was_repla
         assert torch.equal(run(tiny, batch).last_hidden_state, fused)
 
 
+@pytest.mark.parametrize("positions", ["all", "tokens"])
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_a_block_replaced_while_the_fusion_is_attached_is_reported_once_it_is_removed(tiny, batch, approach, positions):
+    old, replacement = tiny.encoder.layer[1], copy.deepcopy(tiny.encoder.layer[1])
+    before, plain = snapshot(tiny), run(tiny, batch).last_hidden_state
+    fusion = layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach, positions=positions)
+    tiny.encoder.layer[1] = replacement
+    assert torch.equal(run(tiny, batch).last_hidden_state, plain)  # unfused, what the error reports
+    with pytest.raises(layerfuse.FusionStateError, match="at encoder.layer.1 was replaced or removed while"):
+        fusion.remove()
+    assert not fusion.active
+    fusion.remove()
+    tiny.encoder.layer[1] = old
+    assert_unchanged(tiny, before)
+    with pytest.raises(layerfuse.FusionStateError, match="replaced or removed while"):
+        with layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach, positions=positions):
+            del tiny.encoder.layer[1]
+    tiny.encoder.layer.insert(1, old)
+    assert_unchanged(tiny, before)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_a_block_set_again_to_itself_or_changed_within_is_not_reported(tiny, batch, approach):
+    before, dropout = snapshot(tiny), tiny.encoder.layer[1].output.dropout
+    with layerfuse.fuse(tiny, torch.ones(H), layer=2, approach=approach):
+        tiny.encoder.layer[1] = tiny.encoder.layer[1]
+        tiny.encoder.layer[1].output.dropout = torch.nn.Dropout(0.5)
+    tiny.encoder.layer[1].output.dropout = dropout
+    assert_unchanged(tiny, before)
+
+
+def test_a_group_removes_every_fusion_before_reporting_a_replaced_block(tiny, batch):
+    old, replacement = tiny.encoder.layer[0], copy.deepcopy(tiny.encoder.layer[0])
+    before = snapshot(tiny)
+    pairs = [(FusionConfig(layer=1), torch.ones(H)), (FusionConfig(layer=3, approach="layer"), torch.ones(H))]
+    group = layerfuse.fuse_many(tiny, pairs)
+    tiny.encoder.layer[0] = replacement
+    with pytest.raises(layerfuse.FusionStateError, match="at encoder.layer.0 was replaced"):
+        group.remove()
+    assert not any(fusion.active for fusion in group)
+    tiny.encoder.layer[0] = old
+    assert_unchanged(tiny, before)
+
+
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_exception_inside_with_leaves_nothing_behind(tiny, batch, approach):
     before = snapshot(tiny)

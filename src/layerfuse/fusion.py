@@ -105,7 +105,7 @@ class Fusion:
         at its name (a block replaced since), whose fusion would change nothing the model runs.
         """
         if self._detach is None:
-            if self._attached_before and submodule(self.model, self.site.name) is not self._module:
+            if self._attached_before and not self._holds_its_module():
                 raise FusionStateError(
                     f"the model no longer holds the module this fusion was made for at {self.site.name} (replaced "
                     "or removed since), so attached again it would change nothing the model runs: fuse the model again"
@@ -121,7 +121,12 @@ class Fusion:
         return self
 
     def remove(self) -> None:
-        """Detach the fusion, leaving the model as it was; calling it again does nothing."""
+        """Detach the fusion, leaving the model as it was; calling it again does nothing.
+
+        Where the model no longer holds the fused module at its name (a block replaced while the fusion
+        was attached), the forwards since ran that name unfused: the fusion is detached, then says so
+        with a `FusionStateError`.
+        """
         unguard(self)
         detach, self._detach = self._detach, None
         if detach is not None:
@@ -132,6 +137,20 @@ class Fusion:
         if self._generate is not None:
             self._generate()
             self._generate = None
+        if detach is not None and not self._holds_its_module():
+            raise FusionStateError(
+                f"the model's module at {self.site.name} was replaced or removed while this fusion was attached "
+                "to it, so the forwards since then ran without the fusion: it is removed now; replace modules "
+                "before fusing, or fuse the model again after"
+            )
+
+    def _holds_its_module(self) -> bool:
+        """Whether the model still holds the fused module at the site's name: through the `_modules` entries
+        along its path, or else as `submodule` finds it."""
+        found: Any = self.model
+        for name in self.site.path:
+            found = found._modules.get(name) if isinstance(found, nn.Module) else None
+        return found is self._module or submodule(self.model, self.site.name) is self._module
 
     def set_info(self, info: torch.Tensor | None) -> None:
         """Replace the info, checked as `fuse` checks it (e.g. a new batch's per-example info)."""
@@ -387,9 +406,16 @@ class FusionGroup(Sequence[Fusion]):
         return iter(self._fusions)
 
     def remove(self) -> None:
-        """Remove every fusion, last first; calling it again does nothing."""
+        """Remove every fusion, last first; calling it again does nothing. A fusion whose module was
+        replaced while attached (see `Fusion.remove`) is reported once all are removed."""
+        replaced = []
         for fusion in reversed(self._fusions):
-            fusion.remove()
+            try:
+                fusion.remove()
+            except FusionStateError as error:
+                replaced.append(error)
+        if replaced:
+            raise replaced[0]
 
     def __enter__(self) -> FusionGroup:
         return self

@@ -139,6 +139,8 @@ class Site:
     input_name: str
     stack: str | None
     attention_mask: str | None
+    path: tuple[str, ...] = field(repr=False)
+    """`name` split at its dots: the names of the `_modules` entries from the model down to the module."""
     _module: weakref.ReferenceType[nn.Module] = field(repr=False)
 
     def __init__(
@@ -155,6 +157,7 @@ class Site:
     ) -> None:
         fields = {"layer": layer, "kind": kind, "name": name, "point": point, "call": call}
         fields |= {"input_name": input_name, "stack": stack, "attention_mask": attention_mask}
+        fields["path"] = tuple(name.split(".")) if name else ()
         fields["_module"] = weakref.ref(module)
         for key, value in fields.items():
             object.__setattr__(self, key, value)
