@@ -79,6 +79,17 @@ def test_albert_fuses_only_the_chosen_pass_of_its_shared_block():
         assert torch.equal(fused[1], plain[1]) and not torch.equal(fused[2], plain[2])
 
 
+@pytest.mark.parametrize("emptied", ["albert_layer_groups", "albert_layer_groups.0.albert_layers"])
+def test_albert_with_a_group_or_its_block_set_to_none_gets_a_clear_error(emptied):
+    model = build("albert")
+    model.get_submodule(f"encoder.{emptied}")[0] = None
+    before = snapshot(model)
+    for approach in ("hook", "layer"):
+        with pytest.raises(layerfuse.ArchitectureError, match=f"encoder.{emptied} holds None in place of block 0"):
+            layerfuse.fuse(model, torch.ones(32), layer=2, approach=approach)
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_generate_keeps_the_fusion_across_cached_steps(name):
     model = build(name, head=True)

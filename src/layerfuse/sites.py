@@ -243,6 +243,9 @@ def _layout(model: nn.Module, stack: str | None) -> tuple[str | None, Layout | N
 
 
 def _albert_blocks(model: nn.Module, groups: nn.ModuleList, count: int) -> list[Block]:
+    _refuse_none(model, groups)
+    for group in groups:
+        _refuse_none(model, group.albert_layers)
     if any(len(group.albert_layers) != 1 for group in groups):
         raise ArchitectureError("ALBERT with inner_group_num > 1 is not supported: pass a module name as site")
     length(groups)
@@ -275,14 +278,19 @@ def find_blocks(model: nn.Module, stack: str | None = None) -> list[Block]:
             f"config.num_hidden_layers={count} blocks, found {found}; "
             "name the module to fuse instead, e.g. site='encoder.layer.3'"
         )
-    empty = [name for name, block in candidates[0]._modules.items() if block is None]
+    _refuse_none(model, candidates[0])
+    return [Block(names[id(block)], block) for block in candidates[0]]
+
+
+def _refuse_none(model: nn.Module, blocks: nn.Module) -> None:
+    """Refuse a list of blocks holding None in place of one (a block set to None): the model cannot run."""
+    empty = [name for name, block in blocks._modules.items() if block is None]
     if empty:
         raise ArchitectureError(
-            f"cannot locate the blocks of {type(model).__name__}: {names[id(candidates[0])]} holds None in place of "
-            f"block {', '.join(empty)} (a block set to None), so the model cannot run: put a block back there, "
+            f"cannot locate the blocks of {type(model).__name__}: {_names(model)[id(blocks)]} holds None in place "
+            f"of block {', '.join(empty)} (a block set to None), so the model cannot run: put a block back there, "
             "or name the module to fuse instead"
         )
-    return [Block(names[id(block)], block) for block in candidates[0]]
 
 
 def find_final_norm(model: nn.Module, stack: str | None = None) -> nn.Module | None:
