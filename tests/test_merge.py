@@ -263,6 +263,23 @@ def test_a_refused_fusion_merge_leaves_the_fusion_attached(tiny, batch):
     fusion.remove()
 
 
+@pytest.mark.parametrize("attached", [True, False])
+def test_a_fusion_whose_block_was_replaced_is_refused_a_merge_and_nothing_changes(tiny, attached):
+    old, replacement = tiny.encoder.layer[1], copy.deepcopy(tiny.encoder.layer[1])
+    fusion = layerfuse.fuse(tiny, torch.randn(H), layer=2)
+    if not attached:
+        fusion.remove()
+    tiny.encoder.layer[1] = replacement
+    before, old_before = snapshot(tiny), snapshot(old)
+    with pytest.raises(FusionStateError, match="at encoder.layer.1 is not the one this fusion was made for"):
+        fusion.merge()
+    assert fusion.active is attached
+    assert_unchanged(tiny, before)
+    assert_unchanged(old, old_before)
+    tiny.encoder.layer[1] = old
+    fusion.remove()
+
+
 def test_merge_in_half_precision_stays_within_its_rounding():
     model = tiny_bert().to(torch.bfloat16)
     batch = padded_batch()
