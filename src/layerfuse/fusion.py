@@ -30,7 +30,7 @@ from .config import FusionConfig, config_or_keywords
 from .errors import ArchitectureError, ArgumentTypeError, ArgumentValueError, FusionStateError
 from .generation import watch_generate
 from .info import Info, check_tensor
-from .lookups import recording, remembered_first_parameter, submodule
+from .lookups import recording, remembered_first_parameter
 from .methods import METHODS, Method, make_method
 from .models import transformer_of
 from .outputs import split_output
@@ -66,7 +66,6 @@ class Fusion:
         self._watch: ForwardWatch | None = None
         self._generate: Detach | None = None
         self._detach: Detach | None = None
-        self._attached_before = False
 
     @property
     def layer(self) -> int | None:
@@ -101,16 +100,15 @@ class Fusion:
     def attach(self) -> Fusion:
         """Attach the fusion to the model (done by `fuse`); return it.
 
-        Attached again after `remove()`, it is refused where the model no longer holds the fused module
-        at its name (a block replaced since), whose fusion would change nothing the model runs.
+        Refused where the model no longer holds the fused module at its name (a block replaced since
+        `remove()`), whose fusion would change nothing the model runs.
         """
         if self._detach is None:
-            if self._attached_before and not self._holds_its_module():
+            if not self._holds_its_module():
                 raise FusionStateError(
                     f"the model no longer holds the module this fusion was made for at {self.site.name} (replaced "
-                    "or removed since), so attached again it would change nothing the model runs: fuse the model again"
+                    "or removed since), so attached it would change nothing the model runs: fuse the model again"
                 )
-            self._attached_before = True
             self._watch_if_needed()
             try:
                 self._detach = APPROACHES[self.approach](self._module, self)
@@ -145,12 +143,13 @@ class Fusion:
             )
 
     def _holds_its_module(self) -> bool:
-        """Whether the model still holds the fused module at the site's name: through the `_modules` entries
-        along its path, or else as `submodule` finds it."""
+        """Whether the model still holds the fused module at the site's name: seen through the `_modules` entries
+        along its path (asked by every `fuse` and `remove`, so without `submodule`'s `getattr`s), or else as
+        `Site.held_by` finds it."""
         found: Any = self.model
         for name in self.site.path:
             found = found._modules.get(name) if isinstance(found, nn.Module) else None
-        return found is self._module or submodule(self.model, self.site.name) is self._module
+        return found is self._module or self.site.held_by(self.model)
 
     def set_info(self, info: torch.Tensor | None) -> None:
         """Replace the info, checked as `fuse` checks it (e.g. a new batch's per-example info)."""

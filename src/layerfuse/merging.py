@@ -40,7 +40,6 @@ from transformers.pytorch_utils import Conv1D
 from .config import FusionConfig, config_or_keywords
 from .errors import FusionStateError, MergeError
 from .fusion import Fusion, prepare_fusion
-from .lookups import submodule
 from .methods import Ablate, Addition, Clamp, Erase, Interpolate, Method, Multiplication, Project, Replace, Scale
 from .sites import Site, resolve_site
 
@@ -286,7 +285,7 @@ def _folded(
 def merge_fusion(fusion: Fusion) -> Merged:
     """Fold `fusion` into its model's parameters (detaching it if it is attached); see the module's docstring."""
     model = fusion.model
-    if submodule(model, fusion.site.name) is not fusion.site.module:
+    if not fusion.site.held_by(model):
         raise FusionStateError(
             f"the model's module at {fusion.site.name} is not the one this fusion was made for (replaced or removed "
             "since), so merging into it would change nothing the model runs: fuse the model again"

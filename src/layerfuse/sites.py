@@ -162,6 +162,11 @@ class Site:
         for key, value in fields.items():
             object.__setattr__(self, key, value)
 
+    def held_by(self, model: nn.Module) -> bool:
+        """Whether `model` still holds this site's module at its name, as `submodule` finds it (recorded)."""
+        module = self._module()
+        return module is not None and submodule(model, self.name) is module
+
     @property
     def module(self) -> nn.Module:
         """The module fused: the model's, for as long as the model holds it."""
@@ -417,7 +422,7 @@ def _found_by_path(model: nn.Module, layer: int | None, site: str, stack: str | 
     """The site, after a look-up of its module by its name from the model itself, so that a module replaced
     anywhere along that path (a block, its list, the base model) is seen by `remembered`'s check."""
     found = _resolve(model, layer, site, stack)
-    if submodule(model, found.name) is not found.module:
+    if not found.held_by(model):
         unrecorded()
     return found
 
@@ -468,7 +473,7 @@ def hidden_size_at(model: nn.Module, site: Site) -> int:
 
 def _width(model: nn.Module, site: Site) -> int:
     parts = site.name.split(".")
-    if submodule(model, site.name) is not site.module:
+    if not site.held_by(model):
         unrecorded()  # a site of a module no longer at its name: its width is not the name's
     for end in range(len(parts), -1, -1):
         holder = submodule(model, ".".join(parts[:end]))
